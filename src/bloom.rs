@@ -1,0 +1,207 @@
+//! The in-memory Bloom front, made of generations that expire with the keys.
+//!
+//! Keys are filed by the time their mark expires: generation `i` holds the
+//! keys whose expiry falls in `[i·W, (i+1)·W)`, with the window `W = ttl / 4`.
+//! Once `now ≥ (i+1)·W` every key of generation `i` has expired, so the whole
+//! generation is dropped: memory stays bounded by the live keys, and the
+//! false-positive rate does not creep up as keys come and go. A lookup asks
+//! every live generation (at most `4 + 1` for keys marked with the store's
+//! TTL), each sized for a quarter of the expected live keys at `1/5` of the
+//! target false-positive rate, so their union stays within the target.
+//!
+//! A generation that receives more keys than it was sized for grows another
+//! filter of the same size instead of degrading; answers stay exact (the
+//! filter is only ever a front: a positive is confirmed on disk).
+
+use std::collections::btree_map::Entry;
+use std::collections::hash_map::RandomState;
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+
+use bloomfilter::Bloom;
+
+use crate::error::{Error, Result};
+
+/// How many generation windows one TTL spans.
+const WINDOWS_PER_TTL: u64 = 4;
+
+/// A Bloom filter whose keys expire.
+pub(crate) struct ExpiringFilter {
+    window_ms: u64,
+    keys_per_filter: usize,
+    fp_per_filter: f64,
+    generations: BTreeMap<u64, Generation>,
+}
+
+struct Generation {
+    filters: Vec<Bloom<[u8]>>,
+    in_last: usize,
+}
+
+impl ExpiringFilter {
+    /// A filter for about `expected_live_keys` live keys at once, each living
+    /// `ttl_ms`, with a total false-positive rate of about `fp_rate`.
+    pub(crate) fn new(expected_live_keys: usize, fp_rate: f64, ttl_ms: u64) -> Self {
+        let per_window = expected_live_keys.div_ceil(WINDOWS_PER_TTL as usize);
+        Self {
+            window_ms: (ttl_ms / WINDOWS_PER_TTL).max(1),
+            keys_per_filter: per_window.max(1),
+            fp_per_filter: fp_rate / (WINDOWS_PER_TTL + 1) as f64,
+            generations: BTreeMap::new(),
+        }
+    }
+
+    /// Records `key`, whose mark expires at `expires_at` (ms).
+    pub(crate) fn insert(&mut self, key: &[u8], expires_at: u64) -> Result<()> {
+        let index = expires_at / self.window_ms;
+        let (keys, fp) = (self.keys_per_filter, self.fp_per_filter);
+        let generation = match self.generations.entry(index) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Generation {
+                filters: vec![new_bloom(keys, fp)?],
+                in_last: 0,
+            }),
+        };
+        if generation.in_last >= self.keys_per_filter {
+            let bloom = new_bloom(keys, fp)?;
+            generation.filters.push(bloom);
+            generation.in_last = 0;
+        }
+        if let Some(last) = generation.filters.last_mut() {
+            last.set(key);
+            generation.in_last += 1;
+        }
+        Ok(())
+    }
+
+    /// `false` only if `key` has no live mark at `now` (ms): a definite "new".
+    /// `true` means "maybe": confirm on disk.
+    pub(crate) fn may_contain(&self, key: &[u8], now: u64) -> bool {
+        self.generations
+            .range(now / self.window_ms..)
+            .any(|(_, g)| g.filters.iter().any(|f| f.check(key)))
+    }
+
+    /// Drops the generations whose keys have all expired at `now` (ms).
+    pub(crate) fn expire(&mut self, now: u64) {
+        let first_live = now / self.window_ms;
+        if self
+            .generations
+            .first_key_value()
+            .is_some_and(|(&i, _)| i < first_live)
+        {
+            self.generations = self.generations.split_off(&first_live);
+        }
+    }
+
+    /// Bytes of filter bits held.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.generations
+            .values()
+            .flat_map(|g| &g.filters)
+            .map(|f| usize::try_from(f.len() / 8).unwrap_or(usize::MAX))
+            .sum()
+    }
+}
+
+fn new_bloom(keys: usize, fp: f64) -> Result<Bloom<[u8]>> {
+    Bloom::new_for_fp_rate_with_seed(keys, fp, &random_seed())
+        .map_err(|e| Error::InvalidOptions(format!("cannot size the Bloom filter: {e}")))
+}
+
+/// 32 bytes of per-process randomness for the filter's hash keys, so that
+/// crafted keys cannot target the filter.
+fn random_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    for chunk in seed.chunks_mut(8) {
+        let mut h = RandomState::new().build_hasher();
+        h.write_usize(chunk.as_ptr() as usize);
+        chunk.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    seed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u64) -> [u8; 8] {
+        i.to_le_bytes()
+    }
+
+    #[test]
+    fn never_a_false_negative_for_live_keys() {
+        let ttl = 1_000;
+        let mut f = ExpiringFilter::new(1_000, 0.01, ttl);
+        for i in 0..2_000u64 {
+            f.insert(&key(i), i + ttl).unwrap();
+        }
+        let now = 1_500;
+        f.expire(now);
+        for i in 0..2_000u64 {
+            if i + ttl > now {
+                assert!(f.may_contain(&key(i), now), "live key {i} missing");
+            }
+        }
+    }
+
+    #[test]
+    fn expired_generations_are_dropped_and_answer_no() {
+        let ttl = 1_000;
+        let mut f = ExpiringFilter::new(100, 0.01, ttl);
+        f.insert(b"a", ttl).unwrap();
+        assert!(f.may_contain(b"a", 0));
+        assert!(f.memory_bytes() > 0);
+        // Expired by time even before the generation is dropped.
+        assert!(!f.may_contain(b"a", 2 * ttl));
+        f.expire(2 * ttl);
+        assert_eq!(f.memory_bytes(), 0);
+    }
+
+    /// Steady traffic for ten TTLs: the false-positive rate stays within 2x of
+    /// the target and memory does not grow.
+    #[test]
+    fn accuracy_and_memory_hold_over_ten_ttls() {
+        let (n, fp, ttl) = (20_000usize, 0.01, 100_000u64);
+        let step = ttl / n as u64; // n live keys at once
+        let mut f = ExpiringFilter::new(n, fp, ttl);
+        let mut now = 0;
+        let mut next = 0u64;
+        let mut memory_after_first_ttl = 0;
+        while now < 10 * ttl {
+            f.expire(now);
+            f.insert(&key(next), now + ttl).unwrap();
+            next += 1;
+            now += step;
+            if now == 2 * ttl {
+                memory_after_first_ttl = f.memory_bytes();
+            }
+        }
+        let probes = 200_000u64;
+        let positives = (0..probes)
+            .filter(|i| f.may_contain(&key(u64::MAX - i), now))
+            .count();
+        let rate = positives as f64 / probes as f64;
+        assert!(rate <= 2.0 * fp, "false-positive rate {rate} over 2x {fp}");
+        assert!(memory_after_first_ttl > 0);
+        assert!(
+            f.memory_bytes() <= memory_after_first_ttl + memory_after_first_ttl / 4,
+            "memory grew from {memory_after_first_ttl} to {}",
+            f.memory_bytes()
+        );
+    }
+
+    #[test]
+    fn overflowing_a_generation_adds_a_filter() {
+        let mut f = ExpiringFilter::new(40, 0.01, 1_000);
+        let before = {
+            f.insert(&key(0), 500).unwrap();
+            f.memory_bytes()
+        };
+        for i in 1..100 {
+            f.insert(&key(i), 500).unwrap();
+        }
+        assert!(f.memory_bytes() > before);
+        assert!((0..100).all(|i| f.may_contain(&key(i), 0)));
+    }
+}

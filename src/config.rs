@@ -1,0 +1,262 @@
+//! Options: a builder with documented defaults, validated once at open.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+
+/// What a successful write promises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// The default. A write is in RocksDB's write-ahead log in the operating
+    /// system's page cache when it returns: it survives the process being
+    /// killed (panic, OOM kill, `SIGKILL`), but not a power cut or kernel crash
+    /// unless [`crate::Store::sync`] ran after it.
+    #[default]
+    Buffered,
+    /// Every write fsyncs the write-ahead log before it returns: it survives a
+    /// power cut. Costs one fsync per write (per batch with the batch API).
+    Sync,
+}
+
+/// How idempotency keys are stored. Fixed when the store is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyMode {
+    /// The default: keys are stored as given. Exact.
+    #[default]
+    Raw,
+    /// Keys are stored as their 128-bit XXH3 hash: fixed 16 bytes on disk
+    /// whatever the key length. Two distinct keys collide with probability
+    /// about `n² / 2¹²⁹` for `n` live keys (below 10⁻²⁰ for a billion keys);
+    /// a collision would report a new key as a duplicate.
+    Hashed,
+}
+
+impl KeyMode {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Hashed => "hashed",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "raw" => Some(Self::Raw),
+            "hashed" => Some(Self::Hashed),
+            _ => None,
+        }
+    }
+}
+
+/// Largest accepted `max_key_len`.
+pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
+/// Longest accepted TTL: 100 years.
+const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Options for [`crate::Store::open`].
+///
+/// | option | default | fixed at creation? |
+/// |---|---|---|
+/// | [`ttl`](Self::ttl) | 7 days | no: applies to marks made after reopen |
+/// | [`expected_keys_per_partition`](Self::expected_keys_per_partition) | 1 000 000 | no: sizes in-memory filters |
+/// | [`bloom_fp_rate`](Self::bloom_fp_rate) | 0.01 | no: sizes in-memory filters |
+/// | [`durability`](Self::durability) | [`Durability::Buffered`] | no |
+/// | [`clock`](Self::clock) | [`SystemClock`] | no |
+/// | [`max_key_len`](Self::max_key_len) | 1024 bytes | no: only checks input |
+/// | [`key_mode`](Self::key_mode) | [`KeyMode::Raw`] | **yes** |
+///
+/// ```
+/// use std::time::Duration;
+/// use exactly::{Durability, Options};
+///
+/// let opts = Options::default()
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .expected_keys_per_partition(5_000_000)
+///     .durability(Durability::Sync);
+/// assert_eq!(opts.get_ttl(), Duration::from_secs(24 * 3600));
+/// ```
+#[derive(Clone)]
+pub struct Options {
+    pub(crate) ttl: Duration,
+    pub(crate) expected_keys_per_partition: usize,
+    pub(crate) bloom_fp_rate: f64,
+    pub(crate) durability: Durability,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) max_key_len: usize,
+    pub(crate) key_mode: KeyMode,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(7 * 24 * 3600),
+            expected_keys_per_partition: 1_000_000,
+            bloom_fp_rate: 0.01,
+            durability: Durability::Buffered,
+            clock: Arc::new(SystemClock),
+            max_key_len: 1024,
+            key_mode: KeyMode::Raw,
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("ttl", &self.ttl)
+            .field(
+                "expected_keys_per_partition",
+                &self.expected_keys_per_partition,
+            )
+            .field("bloom_fp_rate", &self.bloom_fp_rate)
+            .field("durability", &self.durability)
+            .field("clock", &self.clock)
+            .field("max_key_len", &self.max_key_len)
+            .field("key_mode", &self.key_mode)
+            .finish()
+    }
+}
+
+impl Options {
+    /// How long a mark keeps its key a duplicate: a key marked at `t` is a
+    /// duplicate while `now < t + ttl`. From 1 ms to 100 years, millisecond
+    /// resolution. Default: 7 days.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How many live (unexpired) keys one partition is expected to hold at
+    /// once; sizes the in-memory Bloom filters. More keys than this still give
+    /// correct answers, with a higher false-positive rate (more disk reads).
+    /// At least 1. Default: 1 000 000.
+    #[must_use]
+    pub fn expected_keys_per_partition(mut self, n: usize) -> Self {
+        self.expected_keys_per_partition = n;
+        self
+    }
+
+    /// Target false-positive rate of the in-memory filter, in (0, 0.5]. A false
+    /// positive costs one RocksDB read, never a wrong answer. Default: 0.01.
+    #[must_use]
+    pub fn bloom_fp_rate(mut self, rate: f64) -> Self {
+        self.bloom_fp_rate = rate;
+        self
+    }
+
+    /// What a successful write promises; see [`Durability`]. Default: `Buffered`.
+    #[must_use]
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// The clock the store reads for TTLs. Default: [`SystemClock`].
+    #[must_use]
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Longest accepted key, in bytes, from 1 to 65 536. Longer keys get
+    /// [`Error::KeyTooLong`]. Default: 1024.
+    #[must_use]
+    pub fn max_key_len(mut self, len: usize) -> Self {
+        self.max_key_len = len;
+        self
+    }
+
+    /// How keys are stored; fixed when the store is created. Default: `Raw`.
+    #[must_use]
+    pub fn key_mode(mut self, mode: KeyMode) -> Self {
+        self.key_mode = mode;
+        self
+    }
+
+    /// The configured TTL.
+    pub fn get_ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The configured durability.
+    pub fn get_durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The TTL in whole milliseconds (validated to be at least 1).
+    pub(crate) fn ttl_millis(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Checks every option's range. Called once by `Store::open`.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.ttl < Duration::from_millis(1) || self.ttl > MAX_TTL {
+            return Err(Error::InvalidOptions(format!(
+                "ttl must be between 1 ms and 100 years, got {:?}",
+                self.ttl
+            )));
+        }
+        if self.expected_keys_per_partition == 0 || self.expected_keys_per_partition > (1 << 34) {
+            return Err(Error::InvalidOptions(format!(
+                "expected_keys_per_partition must be between 1 and 2^34, got {}",
+                self.expected_keys_per_partition
+            )));
+        }
+        if !(self.bloom_fp_rate > 0.0 && self.bloom_fp_rate <= 0.5) {
+            return Err(Error::InvalidOptions(format!(
+                "bloom_fp_rate must be in (0, 0.5], got {}",
+                self.bloom_fp_rate
+            )));
+        }
+        if self.max_key_len == 0 || self.max_key_len > MAX_KEY_LEN_LIMIT {
+            return Err(Error::InvalidOptions(format!(
+                "max_key_len must be between 1 and {MAX_KEY_LEN_LIMIT}, got {}",
+                self.max_key_len
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert!(Options::default().validate().is_ok());
+    }
+
+    #[test]
+    fn out_of_range_options_are_rejected() {
+        let bad = [
+            Options::default().ttl(Duration::ZERO),
+            Options::default().ttl(Duration::from_micros(999)),
+            Options::default().ttl(MAX_TTL + Duration::from_secs(1)),
+            Options::default().expected_keys_per_partition(0),
+            Options::default().bloom_fp_rate(0.0),
+            Options::default().bloom_fp_rate(0.6),
+            Options::default().bloom_fp_rate(f64::NAN),
+            Options::default().max_key_len(0),
+            Options::default().max_key_len(MAX_KEY_LEN_LIMIT + 1),
+        ];
+        for opts in bad {
+            assert!(
+                matches!(opts.validate(), Err(Error::InvalidOptions(_))),
+                "{opts:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn key_mode_names_round_trip() {
+        for m in [KeyMode::Raw, KeyMode::Hashed] {
+            assert_eq!(KeyMode::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(KeyMode::parse("other"), None);
+    }
+}

@@ -1,0 +1,70 @@
+//! # exactly
+//!
+//! An embedded dedup store for exactly-once *processing* of Kafka messages.
+//!
+//! Exactly-once delivery ends at Kafka's boundary: a consumer that writes to a
+//! database or calls an API and then crashes before committing its offset
+//! will see the message again. The robust answer is consumer-side
+//! idempotency: every message carries an idempotency key, and the consumer
+//! asks "already processed?" before the side effect. This crate answers that
+//! locally, in microseconds:
+//!
+//! - an in-memory **Bloom front** per partition answers most new keys without
+//!   touching disk, and every positive is confirmed on disk, so a filter false
+//!   positive never becomes a duplicate;
+//! - **RocksDB** is the source of truth, with each mark's **TTL** enforced on
+//!   read and by a compaction filter that drops expired marks;
+//! - **shards per Kafka partition**, assigned and revoked with the consumer
+//!   group, each with its own filter and its own **consumer offset**;
+//! - a poll batch's marks and offset land in **one atomic write**.
+//!
+//! ```
+//! use std::time::Duration;
+//! use exactly::{Options, Partition, Store, Verdict};
+//!
+//! # fn main() -> exactly::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let store = Store::open(dir.path(), Options::default().ttl(Duration::from_secs(7 * 24 * 3600)))?;
+//! let p = Partition::new("orders", 3);
+//! store.assign(&p)?;
+//!
+//! let polled: Vec<(i64, &[u8])> = vec![(10, b"k1"), (11, b"k2"), (12, b"k1")];
+//! let mut processed = 0;
+//! let mut batch = store.batch(&p)?;
+//! for (_, key) in &polled {
+//!     if batch.check_and_mark(key)? == Verdict::New {
+//!         processed += 1; // apply the side effect here
+//!     }
+//! }
+//! batch.set_offset(polled.last().map_or(0, |(o, _)| o + 1));
+//! batch.commit()?;
+//! assert_eq!(processed, 2);
+//! assert_eq!(store.committed_offset(&p)?, Some(13));
+//! # Ok(()) }
+//! ```
+//!
+//! See `docs/design.md` for the on-disk format and the invariants.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs, clippy::unwrap_used)]
+
+mod batch;
+mod bloom;
+mod clock;
+mod config;
+mod error;
+mod manifest;
+mod partition;
+mod shard;
+mod stats;
+mod store;
+mod ttl;
+
+pub use batch::Batch;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{Durability, KeyMode, Options, MAX_KEY_LEN_LIMIT};
+pub use error::{Error, Result};
+pub use partition::Partition;
+pub use shard::Verdict;
+pub use stats::{PartitionStats, Stats};
+pub use store::Store;

@@ -1,0 +1,179 @@
+//! The store manifest: a small text file that marks a directory as a store
+//! and records the on-disk format version and the options fixed at creation.
+//!
+//! ```text
+//! exactly store
+//! format_version = 1
+//! key_mode = raw
+//! checksum = 0123456789abcdef
+//! ```
+//! The checksum is the XXH3-64 of the lines above it, so damage is detected
+//! rather than misread.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::KeyMode;
+use crate::error::{Error, Result};
+
+/// File name of the manifest inside the store directory.
+pub(crate) const MANIFEST_FILE: &str = "EXACTLY";
+/// The on-disk format this build writes and the newest it reads.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+const HEADER: &str = "exactly store";
+
+/// What the manifest records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Manifest {
+    pub(crate) format_version: u32,
+    pub(crate) key_mode: KeyMode,
+}
+
+impl Manifest {
+    fn body(&self) -> String {
+        format!(
+            "{HEADER}\nformat_version = {}\nkey_mode = {}\n",
+            self.format_version,
+            self.key_mode.as_str()
+        )
+    }
+
+    pub(crate) fn encode(&self) -> String {
+        let body = self.body();
+        format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()))
+    }
+
+    /// Parses a manifest. `Ok(None)` if the text is not a manifest at all
+    /// (wrong header); `Err(Corruption)` if it is one but damaged.
+    pub(crate) fn decode(text: &[u8]) -> Result<Option<Self>> {
+        if !text.starts_with(HEADER.as_bytes()) {
+            return Ok(None);
+        }
+        let corrupt = |what: &str| Error::Corruption(format!("store manifest: {what}"));
+        let text = std::str::from_utf8(text).map_err(|_| corrupt("not UTF-8"))?;
+        let (body, checksum_line) = text
+            .trim_end_matches('\n')
+            .rsplit_once('\n')
+            .ok_or_else(|| corrupt("truncated"))?;
+        let body = format!("{body}\n");
+        let stored = checksum_line
+            .strip_prefix("checksum = ")
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .ok_or_else(|| corrupt("missing checksum"))?;
+        if stored != xxh3_64(body.as_bytes()) {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let mut format_version = None;
+        let mut key_mode = None;
+        for line in body.lines().skip(1) {
+            match line.split_once(" = ") {
+                Some(("format_version", v)) => format_version = v.parse().ok(),
+                Some(("key_mode", v)) => key_mode = KeyMode::parse(v),
+                // Unknown fields may come from a newer format; the version check decides.
+                _ => {}
+            }
+        }
+        let format_version = format_version.ok_or_else(|| corrupt("no format_version"))?;
+        if format_version > FORMAT_VERSION {
+            return Err(Error::UnsupportedFormat {
+                found: format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let key_mode = key_mode.ok_or_else(|| corrupt("no valid key_mode"))?;
+        Ok(Some(Self {
+            format_version,
+            key_mode,
+        }))
+    }
+
+    /// Reads the manifest of `dir`; `Ok(None)` if there is none.
+    pub(crate) fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(MANIFEST_FILE);
+        match fs::read(&path) {
+            Ok(text) => match Self::decode(&text)? {
+                Some(m) => Ok(Some(m)),
+                None => Err(Error::NotAStore {
+                    path: dir.to_path_buf(),
+                }),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Writes the manifest durably: a temporary file, fsync, rename, fsync of
+    /// the directory.
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
+        let path = dir.join(MANIFEST_FILE);
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(self.encode().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(dir)
+    }
+}
+
+/// Fsyncs a directory so that a rename or create in it survives a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            key_mode: KeyMode::Hashed,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let m = manifest();
+        assert_eq!(Manifest::decode(m.encode().as_bytes()).unwrap(), Some(m));
+    }
+
+    #[test]
+    fn foreign_text_is_not_a_manifest() {
+        assert_eq!(Manifest::decode(b"hello").unwrap(), None);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let text = manifest().encode().into_bytes();
+        for i in HEADER.len()..text.len() {
+            let mut damaged = text.clone();
+            damaged[i] ^= 0x04;
+            assert!(
+                matches!(
+                    Manifest::decode(&damaged),
+                    Err(Error::Corruption(_) | Error::UnsupportedFormat { .. })
+                ),
+                "flip at byte {i} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn newer_format_is_refused() {
+        let body = format!("{HEADER}\nformat_version = 9\nkey_mode = raw\n");
+        let text = format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()));
+        assert!(matches!(
+            Manifest::decode(text.as_bytes()),
+            Err(Error::UnsupportedFormat {
+                found: 9,
+                supported: FORMAT_VERSION
+            })
+        ));
+    }
+}

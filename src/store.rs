@@ -1,0 +1,567 @@
+//! The store: opening a directory, assigning partitions, and the single-key
+//! operations.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use rocksdb::{
+    BlockBasedOptions, BoundColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    DBRecoveryMode, DBWithThreadMode, MultiThreaded, WriteBatch, WriteOptions,
+};
+
+use crate::batch::Batch;
+use crate::bloom::ExpiringFilter;
+use crate::clock::TimeKeeper;
+use crate::config::{Durability, KeyMode, Options};
+use crate::error::{Error, Result};
+use crate::manifest::{sync_dir, Manifest, FORMAT_VERSION};
+use crate::shard::{decode_offset, mark_key, Counters, Shard, Verdict, MARK_TAG, OFFSET_KEY};
+use crate::stats::{PartitionStats, Stats};
+use crate::ttl::{decode_mark, encode_mark, expiry, install_compaction_filter, is_live};
+use crate::Partition;
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// An embedded dedup store: answers "already processed?" for idempotency
+/// keys, per Kafka partition, and keeps each partition's consumer offset.
+///
+/// `Store` is `Send + Sync`: share it (e.g. in an `Arc`) between consumer
+/// threads. Threads may work on different partitions at once; on one
+/// partition, writes are serialised, so of two threads marking the same key
+/// exactly one sees [`Verdict::New`].
+///
+/// ```
+/// use std::time::Duration;
+/// use exactly::{Options, Partition, Store, Verdict};
+///
+/// # fn main() -> exactly::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let store = Store::open(dir.path(), Options::default().ttl(Duration::from_secs(3600)))?;
+/// let p = Partition::new("orders", 3);
+/// store.assign(&p)?;
+///
+/// // One message at a time:
+/// assert_eq!(store.check_and_mark(&p, b"order-1")?, Verdict::New);
+/// assert_eq!(store.check_and_mark(&p, b"order-1")?, Verdict::Duplicate);
+///
+/// // Or per poll batch: all marks and the offset in one atomic write.
+/// let mut batch = store.batch(&p)?;
+/// assert_eq!(batch.check_and_mark(b"order-2")?, Verdict::New);
+/// assert_eq!(batch.check_and_mark(b"order-1")?, Verdict::Duplicate);
+/// batch.set_offset(42);
+/// batch.commit()?;
+/// assert_eq!(store.committed_offset(&p)?, Some(42));
+///
+/// store.revoke(&p)?;
+/// store.close()?;
+/// # Ok(()) }
+/// ```
+pub struct Store {
+    db: Db,
+    path: PathBuf,
+    options: Options,
+    ttl_millis: u64,
+    time: Arc<TimeKeeper>,
+    write_options: WriteOptions,
+    shards: RwLock<HashMap<Partition, Arc<Shard>>>,
+    /// Serialises assign, revoke and delete.
+    membership: Mutex<()>,
+    /// Expired-mark counters of every partition column family, shared with
+    /// its compaction filter.
+    dropped: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("options", &self.options)
+            .field("assigned", &self.assigned())
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens the store in directory `path`, creating it if the directory is
+    /// missing or empty.
+    ///
+    /// Errors: [`Error::InvalidOptions`] for options out of range;
+    /// [`Error::NotAStore`] for a non-empty directory that is not a store;
+    /// [`Error::UnsupportedFormat`] for a store of a newer format;
+    /// [`Error::IncompatibleOptions`] when an option fixed at creation differs;
+    /// [`Error::Corruption`] for damaged files; [`Error::Locked`] when another
+    /// process (or another `Store` in this one) has it open.
+    pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self> {
+        options.validate()?;
+        let path = path.as_ref().to_path_buf();
+        prepare_dir(&path, options.key_mode)?;
+
+        let time = Arc::new(TimeKeeper::new(options.clock.clone()));
+        let mut db_options = db_options();
+        let has_current = path.join("CURRENT").exists();
+        let existing = if has_current {
+            Db::list_cf(&db_options, &path).map_err(|e| Error::storage(e, &path))?
+        } else if has_rocksdb_data(&path)? {
+            return Err(Error::Corruption(
+                "RocksDB's CURRENT file is missing but data files are present".into(),
+            ));
+        } else {
+            db_options.create_if_missing(true);
+            Vec::new()
+        };
+
+        let mut dropped = HashMap::new();
+        let mut descriptors = Vec::new();
+        for name in existing {
+            if name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME {
+                continue;
+            }
+            if Partition::from_cf_name(&name).is_none() {
+                return Err(Error::Corruption(format!(
+                    "unexpected column family {name:?}"
+                )));
+            }
+            let counter = Arc::new(AtomicU64::new(0));
+            let cf_options = partition_cf_options(time.clone(), counter.clone());
+            dropped.insert(name.clone(), counter);
+            descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
+        }
+        let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
+            .map_err(|e| Error::storage(e, &path))?;
+
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(options.durability == Durability::Sync);
+        Ok(Self {
+            db,
+            path,
+            ttl_millis: options.ttl_millis(),
+            options,
+            time,
+            write_options,
+            shards: RwLock::new(HashMap::new()),
+            membership: Mutex::new(()),
+            dropped: Mutex::new(dropped),
+        })
+    }
+
+    /// Assigns a partition to this store (on a consumer-group rebalance):
+    /// opens its shard, creating it if new, and rebuilds its Bloom front from
+    /// the live marks on disk. Assigning an assigned partition does nothing.
+    ///
+    /// Errors: [`Error::InvalidPartition`] for a topic or number Kafka would
+    /// not accept; [`Error::Corruption`] if the shard's data is damaged.
+    pub fn assign(&self, partition: &Partition) -> Result<()> {
+        partition.validate()?;
+        let _membership = self.membership.lock();
+        if self.shards.read().contains_key(partition) {
+            return Ok(());
+        }
+        let name = partition.cf_name();
+        if self.db.cf_handle(&name).is_none() {
+            let counter = Arc::new(AtomicU64::new(0));
+            let cf_options = partition_cf_options(self.time.clone(), counter.clone());
+            self.db
+                .create_cf(&name, &cf_options)
+                .map_err(|e| self.storage(e))?;
+            self.dropped.lock().insert(name.clone(), counter);
+        }
+        let dropped = self.dropped.lock().get(&name).cloned().unwrap_or_default();
+        let cf = self.cf_by_name(&name, partition)?;
+        let offset = self
+            .db
+            .get_pinned_cf(&cf, OFFSET_KEY)
+            .map_err(|e| self.storage(e))?
+            .map(|v| decode_offset(&v))
+            .transpose()?;
+        let filter = self.rebuild_filter(&cf)?;
+        drop(cf);
+        let shard = Shard::new(partition.clone(), name, offset, filter, dropped);
+        self.shards
+            .write()
+            .insert(partition.clone(), Arc::new(shard));
+        Ok(())
+    }
+
+    /// Revokes a partition (on a consumer-group rebalance): closes its shard
+    /// and frees its filter, keeping its marks and offset on disk for a later
+    /// [`assign`](Self::assign). Waits for another thread's open batch on the
+    /// partition to finish.
+    ///
+    /// Errors: [`Error::NotAssigned`]; [`Error::BatchInProgress`] if this
+    /// thread holds an open batch on it.
+    pub fn revoke(&self, partition: &Partition) -> Result<()> {
+        let shard = self.shard(partition)?;
+        let mut writer = shard.lock_writer()?;
+        writer.revoked = true;
+        let _membership = self.membership.lock();
+        let mut shards = self.shards.write();
+        if shards
+            .get(partition)
+            .is_some_and(|current| Arc::ptr_eq(current, &shard))
+        {
+            shards.remove(partition);
+        }
+        Ok(())
+    }
+
+    /// Deletes a partition's marks and offset, revoking it first if it is
+    /// assigned. Returns whether there was anything to delete.
+    pub fn delete_partition(&self, partition: &Partition) -> Result<bool> {
+        partition.validate()?;
+        if self.shards.read().contains_key(partition) {
+            self.revoke(partition)?;
+        }
+        let _membership = self.membership.lock();
+        let name = partition.cf_name();
+        if self.db.cf_handle(&name).is_none() {
+            return Ok(false);
+        }
+        self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
+        self.dropped.lock().remove(&name);
+        Ok(true)
+    }
+
+    /// The partitions assigned to this store, in order.
+    pub fn assigned(&self) -> Vec<Partition> {
+        let mut v: Vec<_> = self.shards.read().keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Whether `key` has a live mark, without marking it.
+    pub fn check(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
+        self.validate_key(key)?;
+        let shard = self.shard(partition)?;
+        let k = mark_key(self.key_mode(), key);
+        let cf = self.cf(&shard)?;
+        self.lookup(&shard, &cf, &k, self.now())
+    }
+
+    /// Checks `key` and marks it if it is new, atomically: of several callers
+    /// racing on one key, exactly one gets [`Verdict::New`]. A key with a live
+    /// mark keeps its original expiry.
+    pub fn check_and_mark(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
+        self.validate_key(key)?;
+        let shard = self.shard(partition)?;
+        let k = mark_key(self.key_mode(), key);
+        let _writer = shard.lock_writer()?;
+        let cf = self.cf(&shard)?;
+        let now = self.now();
+        let verdict = self.lookup(&shard, &cf, &k, now)?;
+        if verdict == Verdict::New {
+            let expires_at = expiry(now, self.ttl_millis);
+            {
+                let mut filter = shard.filter.write();
+                filter.expire(now);
+                filter.insert(&k, expires_at)?;
+            }
+            let mut write = WriteBatch::default();
+            write.put_cf(&cf, &k, encode_mark(expires_at));
+            self.write(write)?;
+        }
+        Ok(verdict)
+    }
+
+    /// Marks `key` as processed. A key with a live mark keeps its original
+    /// expiry.
+    pub fn mark(&self, partition: &Partition, key: &[u8]) -> Result<()> {
+        self.check_and_mark(partition, key).map(|_| ())
+    }
+
+    /// Removes `key`'s mark, so it checks as new again (e.g. the side effect
+    /// was rolled back). Returns whether it had a live mark.
+    pub fn unmark(&self, partition: &Partition, key: &[u8]) -> Result<bool> {
+        self.validate_key(key)?;
+        let shard = self.shard(partition)?;
+        let k = mark_key(self.key_mode(), key);
+        let _writer = shard.lock_writer()?;
+        let cf = self.cf(&shard)?;
+        let was_live = self
+            .read_mark(&cf, &k)?
+            .is_some_and(|e| is_live(e, self.now()));
+        let mut write = WriteBatch::default();
+        write.delete_cf(&cf, &k);
+        self.write(write)?;
+        Ok(was_live)
+    }
+
+    /// Opens a batch on the partition: marks and an offset, committed in one
+    /// atomic write. The batch holds the partition's write lock until it is
+    /// committed or dropped; see [`Batch`].
+    ///
+    /// Errors: [`Error::NotAssigned`]; [`Error::BatchInProgress`] if this
+    /// thread already holds a batch on the partition.
+    pub fn batch(&self, partition: &Partition) -> Result<Batch<'_>> {
+        let shard = self.shard(partition)?;
+        let writer = shard.lock_writer()?;
+        let cf = self.cf(&shard)?;
+        Ok(Batch::new(self, shard, cf, writer))
+    }
+
+    /// The partition's committed consumer offset: where to resume after a
+    /// restart. `None` if no batch with an offset was ever committed.
+    pub fn committed_offset(&self, partition: &Partition) -> Result<Option<i64>> {
+        Ok(self.shard(partition)?.committed_offset())
+    }
+
+    /// Makes every write acknowledged so far survive a power cut (fsyncs the
+    /// write-ahead log).
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush_wal(true).map_err(|e| self.storage(e))
+    }
+
+    /// Runs a full compaction of the partition now, dropping its expired
+    /// marks from disk. Compaction also runs on its own in the background;
+    /// this is for tests and maintenance windows.
+    pub fn compact(&self, partition: &Partition) -> Result<()> {
+        let shard = self.shard(partition)?;
+        let cf = self.cf(&shard)?;
+        self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
+        self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    /// Counters per assigned partition.
+    pub fn stats(&self) -> Stats {
+        let shards: Vec<_> = self.shards.read().values().cloned().collect();
+        let mut stats = Stats::default();
+        for shard in shards {
+            let live_keys_estimate = self
+                .db
+                .cf_handle(&shard.cf_name)
+                .and_then(|cf| {
+                    self.db
+                        .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
+                        .ok()
+                        .flatten()
+                })
+                .unwrap_or(0);
+            let c = &shard.counters;
+            let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            stats.partitions.insert(
+                shard.partition.clone(),
+                PartitionStats {
+                    live_keys_estimate,
+                    checks: load(&c.checks),
+                    duplicates: load(&c.duplicates),
+                    bloom_negatives: load(&c.bloom_negatives),
+                    bloom_false_positives: load(&c.bloom_false_positives),
+                    expired_dropped: load(&shard.dropped),
+                    filter_bytes: shard.filter.read().memory_bytes(),
+                    committed_offset: shard.committed_offset(),
+                },
+            );
+        }
+        stats
+    }
+
+    /// The store's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the store: fsyncs the write-ahead log, so everything
+    /// acknowledged survives a power cut, and releases the directory lock.
+    /// Dropping a store without `close` is safe too; it only skips the fsync.
+    pub fn close(self) -> Result<()> {
+        self.sync()
+    }
+
+    // ---- crate-internal helpers used by `Batch` ----
+
+    pub(crate) fn now(&self) -> u64 {
+        self.time.now()
+    }
+
+    pub(crate) fn ttl_millis(&self) -> u64 {
+        self.ttl_millis
+    }
+
+    pub(crate) fn key_mode(&self) -> KeyMode {
+        self.options.key_mode
+    }
+
+    pub(crate) fn validate_key(&self, key: &[u8]) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if key.len() > self.options.max_key_len {
+            return Err(Error::KeyTooLong {
+                len: key.len(),
+                max: self.options.max_key_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// "Already processed?" for a stored key: the Bloom front first, then
+    /// RocksDB to confirm every positive.
+    pub(crate) fn lookup(
+        &self,
+        shard: &Shard,
+        cf: &Arc<BoundColumnFamily<'_>>,
+        k: &[u8],
+        now: u64,
+    ) -> Result<Verdict> {
+        Counters::bump(&shard.counters.checks);
+        if !shard.filter.read().may_contain(k, now) {
+            Counters::bump(&shard.counters.bloom_negatives);
+            return Ok(Verdict::New);
+        }
+        match self.read_mark(cf, k)? {
+            Some(expires_at) if is_live(expires_at, now) => {
+                Counters::bump(&shard.counters.duplicates);
+                Ok(Verdict::Duplicate)
+            }
+            _ => {
+                Counters::bump(&shard.counters.bloom_false_positives);
+                Ok(Verdict::New)
+            }
+        }
+    }
+
+    pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(|e| self.storage(e))
+    }
+
+    fn read_mark(&self, cf: &Arc<BoundColumnFamily<'_>>, k: &[u8]) -> Result<Option<u64>> {
+        match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {
+            None => Ok(None),
+            Some(v) => decode_mark(&v).map(Some).ok_or_else(|| {
+                Error::Corruption(format!("mark value of {} bytes is malformed", v.len()))
+            }),
+        }
+    }
+
+    fn shard(&self, partition: &Partition) -> Result<Arc<Shard>> {
+        self.shards
+            .read()
+            .get(partition)
+            .cloned()
+            .ok_or_else(|| Error::NotAssigned(partition.clone()))
+    }
+
+    fn cf(&self, shard: &Shard) -> Result<Arc<BoundColumnFamily<'_>>> {
+        self.cf_by_name(&shard.cf_name, &shard.partition)
+    }
+
+    fn cf_by_name(&self, name: &str, partition: &Partition) -> Result<Arc<BoundColumnFamily<'_>>> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| Error::NotAssigned(partition.clone()))
+    }
+
+    /// Builds a partition's Bloom front from its live marks on disk.
+    fn rebuild_filter(&self, cf: &Arc<BoundColumnFamily<'_>>) -> Result<ExpiringFilter> {
+        let now = self.now();
+        let mut filter = ExpiringFilter::new(
+            self.options.expected_keys_per_partition,
+            self.options.bloom_fp_rate,
+            self.ttl_millis,
+        );
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek([MARK_TAG]);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let expires_at = decode_mark(v).ok_or_else(|| {
+                Error::Corruption(format!("mark value of {} bytes is malformed", v.len()))
+            })?;
+            if is_live(expires_at, now) {
+                filter.insert(k, expires_at)?;
+            }
+            it.next();
+        }
+        it.status().map_err(|e| self.storage(e))?;
+        Ok(filter)
+    }
+
+    fn storage(&self, e: rocksdb::Error) -> Error {
+        Error::storage(e, &self.path)
+    }
+}
+
+/// Makes sure `path` is a store directory with a manifest, creating both if
+/// the directory is missing or empty, and checks the manifest against the
+/// options.
+fn prepare_dir(path: &Path, key_mode: KeyMode) -> Result<()> {
+    let not_a_store = || Error::NotAStore {
+        path: path.to_path_buf(),
+    };
+    let manifest = match fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+            None
+        }
+        Err(e) => return Err(Error::io(path, e)),
+        Ok(m) if !m.is_dir() => return Err(not_a_store()),
+        Ok(_) => Manifest::read(path)?,
+    };
+    match manifest {
+        Some(m) => {
+            if m.key_mode != key_mode {
+                return Err(Error::IncompatibleOptions {
+                    option: "key_mode",
+                    stored: format!("{:?}", m.key_mode),
+                    requested: format!("{key_mode:?}"),
+                });
+            }
+            Ok(())
+        }
+        None => {
+            let empty = fs::read_dir(path)
+                .map_err(|e| Error::io(path, e))?
+                .next()
+                .is_none();
+            if !empty {
+                return Err(not_a_store());
+            }
+            Manifest {
+                format_version: FORMAT_VERSION,
+                key_mode,
+            }
+            .write(path)
+        }
+    }
+}
+
+/// Whether the directory holds RocksDB data files (tables or logs).
+fn has_rocksdb_data(path: &Path) -> Result<bool> {
+    for entry in fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+        let name = entry.map_err(|e| Error::io(path, e))?.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".sst") || name.ends_with(".log") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn db_options() -> rocksdb::Options {
+    let mut o = rocksdb::Options::default();
+    o.set_compression_type(DBCompressionType::Lz4);
+    o.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
+    o.set_paranoid_checks(true);
+    o.set_keep_log_file_num(4);
+    o.set_max_total_wal_size(256 << 20);
+    o.increase_parallelism(2);
+    o
+}
+
+fn partition_cf_options(time: Arc<TimeKeeper>, dropped: Arc<AtomicU64>) -> rocksdb::Options {
+    let mut o = rocksdb::Options::default();
+    o.set_compression_type(DBCompressionType::Lz4);
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    o.set_block_based_table_factory(&table);
+    install_compaction_filter(&mut o, time, dropped);
+    o
+}

@@ -1,0 +1,231 @@
+//! Crash recovery against real process death: a child process writes batches
+//! and reports each acknowledged commit on a pipe; the parent kills it with
+//! SIGKILL at a random moment, reopens the store and checks that every
+//! acknowledged batch (marks and offset) is there, that no batch is
+//! half-applied and that no never-marked key is a duplicate.
+//!
+//! `EXACTLY_CRASH_TRIALS` sets the number of trials (default 6),
+//! `EXACTLY_CRASH_SEED` replays a run.
+
+use std::collections::HashMap;
+use std::env;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use exactly::{Error, Options, Partition, Store, Verdict};
+
+const PARTITIONS: i32 = 3;
+const KEYS_PER_BATCH: i64 = 20;
+const ROUNDS_PER_TRIAL: usize = 3;
+
+fn part(p: i32) -> Partition {
+    Partition::new("events", p)
+}
+
+fn key(p: i32, batch: i64, j: i64) -> String {
+    format!("{p}-{batch}-{j}")
+}
+
+fn options() -> Options {
+    Options::default()
+        .ttl(Duration::from_secs(24 * 3600))
+        .expected_keys_per_partition(100_000)
+}
+
+/// The child: continues each partition from its committed offset, writing
+/// batches until it is killed. Prints `p b` after batch `b` of partition `p`
+/// is committed.
+fn child(dir: &Path) {
+    let store = Store::open(dir, options()).expect("child open");
+    let mut next = HashMap::new();
+    for p in 0..PARTITIONS {
+        store.assign(&part(p)).expect("assign");
+        let offset = store.committed_offset(&part(p)).expect("offset");
+        next.insert(p, offset.unwrap_or(0) / KEYS_PER_BATCH);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for i in 0.. {
+        let p = i % PARTITIONS;
+        let b = next[&p];
+        let mut batch = store.batch(&part(p)).expect("batch");
+        for j in 0..KEYS_PER_BATCH {
+            let v = batch.check_and_mark(key(p, b, j).as_bytes()).expect("mark");
+            assert_eq!(v, Verdict::New, "fresh key {}", key(p, b, j));
+        }
+        if b > 0 {
+            // A redelivery of the previous batch's first message.
+            let v = batch
+                .check_and_mark(key(p, b - 1, 0).as_bytes())
+                .expect("redelivery");
+            assert_eq!(v, Verdict::Duplicate, "redelivered {}", key(p, b - 1, 0));
+        }
+        batch.set_offset((b + 1) * KEYS_PER_BATCH);
+        batch.commit().expect("commit");
+        writeln!(out, "{p} {b}").expect("ack");
+        out.flush().expect("flush ack");
+        next.insert(p, b + 1);
+    }
+}
+
+/// A child that holds the store open until its stdin closes.
+fn hold(dir: &Path) {
+    let store = Store::open(dir, options()).expect("hold open");
+    println!("ready");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    drop(store);
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn spawn(var: &str, dir: &Path) -> std::process::Child {
+    Command::new(env::current_exe().expect("current exe"))
+        .env(var, dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn child")
+}
+
+/// One round: run a child, kill it after `kill_after` acks, verify.
+fn round(dir: &Path, kill_after: u64, acked: &mut HashMap<i32, i64>) {
+    let mut child = spawn("EXACTLY_CRASH_CHILD", dir);
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut seen = 0;
+    let record = |line: String, acked: &mut HashMap<i32, i64>| {
+        let (p, b) = line.split_once(' ').expect("ack line");
+        let (p, b): (i32, i64) = (p.parse().expect("p"), b.parse().expect("b"));
+        let last = acked.entry(p).or_insert(-1);
+        assert_eq!(b, *last + 1, "acks of partition {p} are consecutive");
+        *last = b;
+    };
+    while seen < kill_after {
+        match lines.next() {
+            Some(line) => {
+                record(line.expect("read ack"), acked);
+                seen += 1;
+            }
+            None => panic!("child exited before it was killed: {:?}", child.wait()),
+        }
+    }
+    child.kill().expect("SIGKILL child");
+    let status = child.wait().expect("wait child");
+    assert!(!status.success(), "child was killed");
+    // Acks written before death are acknowledged too.
+    for line in lines {
+        record(line.expect("read ack"), acked);
+    }
+
+    let store = Store::open(dir, options()).expect("reopen after kill");
+    for p in 0..PARTITIONS {
+        store.assign(&part(p)).expect("assign");
+        let last_acked = acked.get(&p).copied().unwrap_or(-1);
+        let offset = store
+            .committed_offset(&part(p))
+            .expect("offset")
+            .unwrap_or(0);
+        assert_eq!(
+            offset % KEYS_PER_BATCH,
+            0,
+            "offset {offset} on a batch boundary"
+        );
+        let committed = offset / KEYS_PER_BATCH - 1;
+        assert!(
+            committed >= last_acked,
+            "partition {p}: batch {last_acked} was acknowledged, offset says {committed}"
+        );
+        // A commit that landed without its ack reaching us is fine (at most one).
+        assert!(
+            committed <= last_acked + 1,
+            "partition {p}: offset ahead of writes"
+        );
+        for b in 0..=committed {
+            for j in 0..KEYS_PER_BATCH {
+                assert_eq!(
+                    store
+                        .check(&part(p), key(p, b, j).as_bytes())
+                        .expect("check"),
+                    Verdict::Duplicate,
+                    "acknowledged {} lost",
+                    key(p, b, j)
+                );
+            }
+        }
+        // The batch after the offset left nothing behind: no half-applied batch.
+        for j in 0..KEYS_PER_BATCH {
+            assert_eq!(
+                store
+                    .check(&part(p), key(p, committed + 1, j).as_bytes())
+                    .expect("check"),
+                Verdict::New,
+                "uncommitted {} is a duplicate",
+                key(p, committed + 1, j)
+            );
+        }
+        acked.insert(p, committed);
+    }
+    store.close().expect("close");
+}
+
+fn lock_is_refused_across_processes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = spawn("EXACTLY_HOLD_CHILD", dir.path());
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("ready line").expect("read"), "ready");
+    let r = Store::open(dir.path(), options());
+    assert!(matches!(r, Err(Error::Locked { .. })), "{r:?}");
+    drop(child.stdin.take()); // the child closes its store and exits
+    assert!(child.wait().expect("wait").success());
+    Store::open(dir.path(), options()).expect("open after the holder exits");
+}
+
+fn main() {
+    if let Some(dir) = env::var_os("EXACTLY_CRASH_CHILD") {
+        return child(Path::new(&dir));
+    }
+    if let Some(dir) = env::var_os("EXACTLY_HOLD_CHILD") {
+        return hold(Path::new(&dir));
+    }
+    if env::args().any(|a| a == "--list") {
+        println!("crash: test");
+        return;
+    }
+    let trials: u64 = env::var("EXACTLY_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let seed: u64 = env::var("EXACTLY_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    println!("crash: seed {seed}, {trials} trials of {ROUNDS_PER_TRIAL} kills");
+    lock_is_refused_across_processes();
+    let mut rng = Rng(seed);
+    for _ in 0..trials {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut acked = HashMap::new();
+        for _ in 0..ROUNDS_PER_TRIAL {
+            round(dir.path(), 1 + rng.below(150), &mut acked);
+        }
+    }
+    println!("crash: {} passed, 0 failed", trials + 1);
+}

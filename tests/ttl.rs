@@ -1,0 +1,167 @@
+//! TTL behaviour under a manual clock: no sleeping.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{open, orders, TTL};
+use exactly::Verdict;
+
+#[test]
+fn a_key_is_a_duplicate_exactly_until_its_ttl_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+
+    assert_eq!(store.check_and_mark(&p, b"k").unwrap(), Verdict::New);
+    clock.advance(TTL - Duration::from_millis(1));
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::New);
+    // An expired key can be marked again, with a fresh TTL.
+    assert_eq!(store.check_and_mark(&p, b"k").unwrap(), Verdict::New);
+    clock.advance(TTL - Duration::from_millis(1));
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+}
+
+#[test]
+fn marking_a_live_key_again_does_not_extend_its_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+
+    store.mark(&p, b"k").unwrap();
+    clock.advance(TTL / 2);
+    store.mark(&p, b"k").unwrap();
+    assert_eq!(store.check_and_mark(&p, b"k").unwrap(), Verdict::Duplicate);
+    let mut batch = store.batch(&p).unwrap();
+    assert_eq!(batch.check_and_mark(b"k").unwrap(), Verdict::Duplicate);
+    batch.commit().unwrap();
+    clock.advance(TTL / 2);
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::New);
+}
+
+#[test]
+fn expiry_holds_across_reopen_without_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    store.mark(&p, b"old").unwrap();
+    clock.advance(TTL / 2);
+    store.mark(&p, b"young").unwrap();
+    store.close().unwrap();
+
+    clock.advance(TTL / 2);
+    let store = exactly::Store::open(dir.path(), common::options(&clock)).unwrap();
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, b"old").unwrap(), Verdict::New);
+    assert_eq!(store.check(&p, b"young").unwrap(), Verdict::Duplicate);
+}
+
+#[test]
+fn compaction_drops_expired_marks_and_keeps_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    let mut batch = store.batch(&p).unwrap();
+    for i in 0..1_000u32 {
+        batch.mark(format!("old-{i}").as_bytes()).unwrap();
+    }
+    batch.set_offset(1_000);
+    batch.commit().unwrap();
+    clock.advance(TTL / 2);
+    for i in 0..10u32 {
+        store.mark(&p, format!("young-{i}").as_bytes()).unwrap();
+    }
+    clock.advance(TTL / 2);
+
+    store.compact(&p).unwrap();
+    let stats = &store.stats().partitions[&p];
+    assert_eq!(stats.expired_dropped, 1_000);
+    // 10 live marks and the offset remain.
+    assert!(
+        stats.live_keys_estimate <= 11,
+        "{} keys left",
+        stats.live_keys_estimate
+    );
+    for i in 0..10u32 {
+        assert_eq!(
+            store.check(&p, format!("young-{i}").as_bytes()).unwrap(),
+            Verdict::Duplicate
+        );
+    }
+    assert_eq!(store.check(&p, b"old-7").unwrap(), Verdict::New);
+    assert_eq!(store.committed_offset(&p).unwrap(), Some(1_000));
+
+    // And after reopen, the offset (metadata) survived the compaction filter.
+    store.close().unwrap();
+    let store = exactly::Store::open(dir.path(), common::options(&clock)).unwrap();
+    store.assign(&p).unwrap();
+    assert_eq!(store.committed_offset(&p).unwrap(), Some(1_000));
+    assert_eq!(store.check(&p, b"young-3").unwrap(), Verdict::Duplicate);
+}
+
+#[test]
+fn a_clock_stepping_back_does_not_revive_expired_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    store.mark(&p, b"k").unwrap();
+    clock.advance(TTL);
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::New);
+    clock.set(common::T0);
+    // The store's time stands still at its high-water mark.
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::New);
+}
+
+#[test]
+fn the_filter_stays_accurate_over_ten_ttls_of_steady_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = exactly::ManualClock::new(common::T0);
+    let n = 2_000usize;
+    let store = exactly::Store::open(
+        dir.path(),
+        common::options(&clock).expected_keys_per_partition(n),
+    )
+    .unwrap();
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    let step = TTL / n as u32;
+    let mut memory_after_two_ttls = 0;
+    for i in 0..10 * n {
+        let mut batch = store.batch(&p).unwrap();
+        assert_eq!(
+            batch.check_and_mark(format!("m-{i}").as_bytes()).unwrap(),
+            Verdict::New
+        );
+        batch.commit().unwrap();
+        clock.advance(step);
+        if i == 2 * n {
+            memory_after_two_ttls = store.stats().partitions[&p].filter_bytes;
+        }
+    }
+    let before = store.stats().partitions[&p].clone();
+    let probes = 20_000u64;
+    for i in 0..probes {
+        assert_eq!(
+            store.check(&p, format!("never-{i}").as_bytes()).unwrap(),
+            Verdict::New
+        );
+    }
+    let after = store.stats().partitions[&p].clone();
+    let false_positives = after.bloom_false_positives - before.bloom_false_positives;
+    let rate = false_positives as f64 / probes as f64;
+    assert!(rate <= 0.02, "false-positive rate {rate} over 2x 0.01");
+    assert!(after.filter_bytes <= memory_after_two_ttls + memory_after_two_ttls / 4);
+    // Recent keys are still duplicates.
+    let last = 10 * n - 1;
+    assert_eq!(
+        store.check(&p, format!("m-{last}").as_bytes()).unwrap(),
+        Verdict::Duplicate
+    );
+}
