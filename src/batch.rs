@@ -1,14 +1,30 @@
-//! A poll batch: marks and the consumer offset, written in one atomic write.
+//! A poll batch: marks, claims' outcomes and the consumer offset, written in
+//! one atomic write. Every write operation of the store runs through a batch.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rocksdb::{BoundColumnFamily, WriteBatch};
 
+use crate::claim::{next_token, Claim, ClaimToken};
+use crate::config::{TimeDomain, TtlRefresh};
 use crate::error::{Error, Result};
-use crate::shard::{encode_offset, mark_key, Shard, Verdict, WriterGuard, OFFSET_KEY};
+use crate::shard::{
+    encode_offset, mark_key, Counters, Shard, Verdict, WriterGuard, EPOCH_KEY, EVENT_TIME_KEY,
+    OFFSET_KEY,
+};
 use crate::store::Store;
-use crate::ttl::{encode_mark, expiry};
+use crate::ttl::{expiry, Entry};
+
+/// A staged change to one key.
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    /// The key's entry after the batch (`None`: deleted).
+    entry: Option<Entry>,
+    /// Whether a claim is made or ended, so the shard's claim table changes.
+    claims: bool,
+}
 
 /// An open batch on one partition; see [`Store::batch`].
 ///
@@ -19,12 +35,15 @@ pub struct Batch<'s> {
     store: &'s Store,
     shard: Arc<Shard>,
     cf: Arc<BoundColumnFamily<'s>>,
-    // Dropped after `Drop::drop` has cleared the holder.
+    // Released after `Drop::drop` has cleared the holder.
     _writer: WriterGuard,
     write: WriteBatch,
-    /// Stored keys marked in this batch, with their expiry.
-    pending: HashMap<Vec<u8>, u64>,
+    staged: HashMap<Vec<u8>, Staged>,
+    marks: usize,
     offset: Option<i64>,
+    fence: Option<u64>,
+    new_epoch: Option<u64>,
+    max_event_time: Option<u64>,
 }
 
 impl<'s> Batch<'s> {
@@ -41,34 +60,90 @@ impl<'s> Batch<'s> {
             cf,
             _writer: writer,
             write: WriteBatch::default(),
-            pending: HashMap::new(),
+            staged: HashMap::new(),
+            marks: 0,
             offset: None,
+            fence: None,
+            new_epoch: None,
+            max_event_time: None,
         }
     }
 
     /// Checks `key` and, if it is new, marks it in this batch. A key seen
-    /// twice in one batch is `New` the first time and `Duplicate` after.
+    /// twice in one batch is `New` the first time and `Duplicate` after. A
+    /// key with a live claim is `Duplicate` (someone is processing it).
     pub fn check_and_mark(&mut self, key: &[u8]) -> Result<Verdict> {
-        self.store.validate_key(key)?;
-        let k = mark_key(self.store.key_mode(), key);
-        if self.pending.contains_key(&k) {
-            self.shard.count_pending_duplicate();
-            return Ok(Verdict::Duplicate);
-        }
-        let now = self.store.now();
-        let verdict = self.store.lookup(&self.shard, &self.cf, &k, now)?;
-        if verdict == Verdict::New {
-            let expires_at = expiry(now, self.store.ttl_millis());
-            self.write.put_cf(&self.cf, &k, encode_mark(expires_at));
-            self.pending.insert(k, expires_at);
-        }
-        Ok(verdict)
+        self.check_and_mark_with(key, None, None)
     }
 
-    /// Marks `key` as processed in this batch. A key with a live mark keeps
-    /// its original expiry.
+    /// Marks `key` as processed in this batch; see
+    /// [`check_and_mark`](Self::check_and_mark).
     pub fn mark(&mut self, key: &[u8]) -> Result<()> {
         self.check_and_mark(key).map(|_| ())
+    }
+
+    /// [`check_and_mark`](Self::check_and_mark) for a message with event
+    /// time `event_time` (ms since the Unix epoch). Under
+    /// [`TimeDomain::EventTime`] the mark expires `ttl` after `event_time`,
+    /// and the partition's event time advances to it at commit; under
+    /// processing time the event time is not used.
+    pub fn check_and_mark_at(&mut self, key: &[u8], event_time: u64) -> Result<Verdict> {
+        self.check_and_mark_with(key, Some(event_time), None)
+    }
+
+    /// [`mark`](Self::mark) with event time; see
+    /// [`check_and_mark_at`](Self::check_and_mark_at).
+    pub fn mark_at(&mut self, key: &[u8], event_time: u64) -> Result<()> {
+        self.check_and_mark_at(key, event_time).map(|_| ())
+    }
+
+    /// [`mark`](Self::mark) with a TTL of its own instead of the store's, for
+    /// keys that must be remembered longer (or shorter). From 1 ms to 100
+    /// years.
+    pub fn mark_with_ttl(&mut self, key: &[u8], ttl: Duration) -> Result<()> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ttl_ms == 0 || ttl > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return Err(Error::InvalidOptions(format!(
+                "a mark's ttl must be between 1 ms and 100 years, got {ttl:?}"
+            )));
+        }
+        self.check_and_mark_with(key, None, Some(ttl_ms))
+            .map(|_| ())
+    }
+
+    /// Removes `key`'s mark or claim in this batch. Returns whether it had a
+    /// live one.
+    pub fn unmark(&mut self, key: &[u8]) -> Result<bool> {
+        self.store.validate_key(key)?;
+        let k = mark_key(self.store.key_mode(), key);
+        let (current, had_claim) = self.current(&k)?;
+        self.stage(k, None, had_claim);
+        Ok(current.is_some())
+    }
+
+    /// Turns an acquired claim into a processed mark (its TTL starts now).
+    ///
+    /// Errors: [`Error::Fenced`] if the partition has a newer epoch than the
+    /// claim's; [`Error::ClaimLost`] if the claim was released, or its lease
+    /// ran out and another processor claimed the key.
+    pub fn confirm(&mut self, token: &ClaimToken) -> Result<()> {
+        self.own_claim(token)?;
+        let expires_at = expiry(self.partition_now(), self.store.ttl_millis());
+        self.stage(
+            token.stored_key.clone(),
+            Some(Entry::Done { expires_at }),
+            true,
+        );
+        self.marks += 1;
+        Ok(())
+    }
+
+    /// Removes an acquired claim so the key can be processed again (the side
+    /// effect failed). Errors as for [`confirm`](Self::confirm).
+    pub fn release(&mut self, token: &ClaimToken) -> Result<()> {
+        self.own_claim(token)?;
+        self.stage(token.stored_key.clone(), None, true);
+        Ok(())
     }
 
     /// Sets the consumer offset to commit with the marks: the offset of the
@@ -79,29 +154,48 @@ impl<'s> Batch<'s> {
         self.offset = Some(offset);
     }
 
+    /// Writes this batch under `epoch`, the epoch under which the caller holds
+    /// the partition (see [`Store::assign_with_epoch`]). If the partition has
+    /// been assigned under another epoch since, [`commit`](Self::commit) fails
+    /// with [`Error::Fenced`] and writes nothing: a zombie consumer cannot
+    /// write after a rebalance.
+    pub fn fence(&mut self, epoch: u64) {
+        self.fence = Some(epoch);
+    }
+
     /// Keys marked in this batch so far.
     pub fn len(&self) -> usize {
-        self.pending.len()
+        self.marks
     }
 
     /// Whether the batch marks no key.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.marks == 0
     }
 
-    /// Writes all marks and the offset in one atomic RocksDB write: after a
-    /// crash either all of them are there or none. Returns when the write is
-    /// as durable as [`crate::Durability`] promises. On error nothing of the
-    /// batch is applied.
+    /// Writes all marks, claims' outcomes and the offset in one atomic
+    /// RocksDB write: after a crash either all of them are there or none.
+    /// Returns when the write is as durable as [`crate::Durability`] promises.
+    /// On error nothing of the batch is applied.
     pub fn commit(mut self) -> Result<()> {
+        let shard = self.shard.clone();
+        if let Some(epoch) = self.fence {
+            if epoch != shard.epoch() {
+                return Err(Error::Fenced {
+                    partition: shard.partition.clone(),
+                    current: shard.epoch(),
+                    attempted: epoch,
+                });
+            }
+        }
         if let Some(offset) = self.offset {
             if offset < 0 {
                 return Err(Error::InvalidOffset(offset));
             }
-            if let Some(committed) = self.shard.committed_offset() {
+            if let Some(committed) = shard.committed_offset() {
                 if offset < committed {
                     return Err(Error::OffsetRegression {
-                        partition: self.shard.partition.clone(),
+                        partition: shard.partition.clone(),
                         committed,
                         requested: offset,
                     });
@@ -110,24 +204,205 @@ impl<'s> Batch<'s> {
             self.write
                 .put_cf(&self.cf, OFFSET_KEY, encode_offset(offset));
         }
+        if let Some(epoch) = self.new_epoch {
+            self.write.put_cf(&self.cf, EPOCH_KEY, epoch.to_be_bytes());
+        }
+        let event_time = self.max_event_time.filter(|&t| t > shard.event_time());
+        if let Some(t) = event_time {
+            self.write.put_cf(&self.cf, EVENT_TIME_KEY, t.to_be_bytes());
+        }
         if self.write.is_empty() {
             return Ok(());
         }
+        // Into the filter and the claim table before the write: a reader in
+        // between sees a false positive (confirmed away on disk), never a
+        // false negative. Claims that end are forgotten only after the write.
         {
-            // Into the filter before the write: a reader between the two sees
-            // a false positive (confirmed away on disk), never a false negative.
-            let mut filter = self.shard.filter.write();
-            filter.expire(self.store.now());
-            for (k, expires_at) in &self.pending {
-                filter.insert(k, *expires_at)?;
+            let mut filter = shard.filter.write();
+            filter.expire(self.partition_now());
+            for (k, staged) in &self.staged {
+                if let Some(Entry::Done { expires_at }) = staged.entry {
+                    filter.insert(k, expires_at)?;
+                }
             }
         }
+        let claims_made: Vec<_> = self
+            .staged
+            .iter()
+            .filter(|(_, s)| matches!(s.entry, Some(Entry::Claimed { .. })))
+            .map(|(k, s)| (k.clone(), s.entry))
+            .collect();
+        for (k, entry) in &claims_made {
+            shard.note_claim(k, *entry);
+        }
         let write = std::mem::take(&mut self.write);
-        self.store.write(write)?;
+        if let Err(e) = self.store.write(write) {
+            for (k, _) in &claims_made {
+                shard.note_claim(k, None);
+            }
+            return Err(e);
+        }
+        let mut claims_changed = !claims_made.is_empty();
+        for (k, staged) in &self.staged {
+            if staged.claims && !matches!(staged.entry, Some(Entry::Claimed { .. })) {
+                shard.note_claim(k, staged.entry);
+                claims_changed = true;
+            }
+        }
+        if claims_changed {
+            shard.expire_claims(self.store.now());
+        }
         if let Some(offset) = self.offset {
-            self.shard.set_committed_offset(offset);
+            shard.set_committed_offset(offset);
+        }
+        if let Some(epoch) = self.new_epoch {
+            shard.set_epoch(epoch);
+        }
+        if let Some(t) = event_time {
+            shard.advance_event_time(t, self.store.lateness_millis());
         }
         Ok(())
+    }
+
+    // ---- crate-internal ----
+
+    /// Claims `key` for `lease`; see [`Store::claim`].
+    pub(crate) fn claim(&mut self, key: &[u8], lease: Duration) -> Result<Claim> {
+        self.store.validate_key(key)?;
+        let k = mark_key(self.store.key_mode(), key);
+        Counters::bump(&self.shard.counters.checks);
+        match self.current(&k)?.0 {
+            Some(Entry::Done { .. }) => {
+                Counters::bump(&self.shard.counters.duplicates);
+                Ok(Claim::Done)
+            }
+            Some(Entry::Claimed {
+                lease_until, epoch, ..
+            }) => Ok(Claim::InFlight {
+                holder_epoch: epoch,
+                expires_at: lease_until,
+            }),
+            None => {
+                let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+                let epoch = self.fence.unwrap_or_else(|| self.shard.epoch());
+                let token = ClaimToken {
+                    partition: self.shard.partition.clone(),
+                    stored_key: k.clone(),
+                    epoch,
+                    token: next_token(),
+                    lease_until: expiry(self.store.now(), lease_ms),
+                };
+                let entry = Entry::Claimed {
+                    lease_until: token.lease_until,
+                    epoch,
+                    token: token.token,
+                };
+                self.stage(k, Some(entry), true);
+                Ok(Claim::Acquired(token))
+            }
+        }
+    }
+
+    /// Stages a new epoch for the partition; see [`Store::assign_with_epoch`].
+    pub(crate) fn set_epoch(&mut self, epoch: u64) {
+        self.new_epoch = Some(epoch);
+    }
+
+    fn check_and_mark_with(
+        &mut self,
+        key: &[u8],
+        event_time: Option<u64>,
+        ttl_ms: Option<u64>,
+    ) -> Result<Verdict> {
+        self.store.validate_key(key)?;
+        let k = mark_key(self.store.key_mode(), key);
+        Counters::bump(&self.shard.counters.checks);
+        let base = match (self.store.time_domain(), event_time) {
+            (TimeDomain::EventTime, Some(t)) => {
+                self.max_event_time = Some(self.max_event_time.map_or(t, |m| m.max(t)));
+                t
+            }
+            _ => self.partition_now(),
+        };
+        let expires_at = expiry(base, ttl_ms.unwrap_or(self.store.ttl_millis()));
+        match self.current(&k)?.0 {
+            Some(current) => {
+                Counters::bump(&self.shard.counters.duplicates);
+                if let Entry::Done { expires_at: old } = current {
+                    if self.store.ttl_refresh() == TtlRefresh::OnDuplicate && expires_at > old {
+                        self.stage(k, Some(Entry::Done { expires_at }), false);
+                    }
+                }
+                Ok(Verdict::Duplicate)
+            }
+            None => {
+                self.stage(k, Some(Entry::Done { expires_at }), false);
+                self.marks += 1;
+                Ok(Verdict::New)
+            }
+        }
+    }
+
+    /// The live entry of stored key `k` as this batch sees it (staged changes
+    /// first, then the store), and whether it is a claim.
+    fn current(&self, k: &[u8]) -> Result<(Option<Entry>, bool)> {
+        let (clock_now, partition_now) = (self.store.now(), self.partition_now());
+        if let Some(staged) = self.staged.get(k) {
+            let live = staged.entry.filter(|e| e.is_live(partition_now, clock_now));
+            return Ok((live, matches!(live, Some(Entry::Claimed { .. }))));
+        }
+        let entry = self
+            .store
+            .lookup(&self.shard, &self.cf, k, partition_now, clock_now)?;
+        Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))))
+    }
+
+    /// Checks that `token` still holds its claim.
+    fn own_claim(&self, token: &ClaimToken) -> Result<()> {
+        let shard = &self.shard;
+        let lost = || Error::ClaimLost {
+            partition: shard.partition.clone(),
+        };
+        if token.partition != shard.partition {
+            return Err(lost());
+        }
+        let current_epoch = self.fence.unwrap_or_else(|| shard.epoch());
+        if token.epoch != current_epoch {
+            return Err(Error::Fenced {
+                partition: shard.partition.clone(),
+                current: current_epoch,
+                attempted: token.epoch,
+            });
+        }
+        let entry = match self.staged.get(&token.stored_key) {
+            Some(staged) => staged.entry,
+            None => self.store.read_entry(&self.cf, &token.stored_key)?,
+        };
+        match entry {
+            // Still ours, even if the lease ran out: nobody took it over.
+            Some(Entry::Claimed { token: t, .. }) if t == token.token => Ok(()),
+            _ => Err(lost()),
+        }
+    }
+
+    fn stage(&mut self, k: Vec<u8>, entry: Option<Entry>, claims: bool) {
+        match entry {
+            Some(e) => self.write.put_cf(&self.cf, &k, e.encode()),
+            None => self.write.delete_cf(&self.cf, &k),
+        }
+        let claims = claims || self.staged.get(&k).is_some_and(|s| s.claims);
+        self.staged.insert(k, Staged { entry, claims });
+    }
+
+    /// "Now" for marks: the clock, or the partition's watermark under event time.
+    fn partition_now(&self) -> u64 {
+        match self.store.time_domain() {
+            TimeDomain::ProcessingTime => self.store.now(),
+            TimeDomain::EventTime => self
+                .shard
+                .event_time()
+                .saturating_sub(self.store.lateness_millis()),
+        }
     }
 }
 
@@ -141,8 +416,9 @@ impl std::fmt::Debug for Batch<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batch")
             .field("partition", &self.shard.partition)
-            .field("marks", &self.pending.len())
+            .field("marks", &self.marks)
             .field("offset", &self.offset)
+            .field("fence", &self.fence)
             .finish()
     }
 }

@@ -51,6 +51,52 @@ impl KeyMode {
     }
 }
 
+/// What happens to a live mark's expiry when its key is seen again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TtlRefresh {
+    /// The default: a mark expires `ttl` after it was first made; seeing the
+    /// key again changes nothing.
+    #[default]
+    FirstSeen,
+    /// Every marking operation that finds the key a duplicate (`check_and_mark`,
+    /// `mark`, and their batch forms) pushes its expiry to `ttl` from then, as
+    /// long as the key keeps arriving. `check` never changes anything.
+    OnDuplicate,
+}
+
+/// Which clock a mark's TTL runs on. Fixed when the store is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimeDomain {
+    /// The default: a key expires `ttl` after it was marked, by the injected
+    /// [`Clock`].
+    #[default]
+    ProcessingTime,
+    /// A key expires `ttl` after the event time of its message (given with the
+    /// `*_at` operations); "now" is the partition's watermark, the highest
+    /// event time committed minus [`Options::allowed_lateness`]. Replaying old
+    /// data then dedups exactly as it did live. A mark made without an event
+    /// time is taken to be at the watermark. Claims' leases still run on the
+    /// clock.
+    EventTime,
+}
+
+impl TimeDomain {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::ProcessingTime => "processing",
+            Self::EventTime => "event",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "processing" => Some(Self::ProcessingTime),
+            "event" => Some(Self::EventTime),
+            _ => None,
+        }
+    }
+}
+
 /// Largest accepted `max_key_len`.
 pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
 /// Longest accepted TTL: 100 years.
@@ -67,6 +113,9 @@ const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// | [`clock`](Self::clock) | [`SystemClock`] | no |
 /// | [`max_key_len`](Self::max_key_len) | 1024 bytes | no: only checks input |
 /// | [`key_mode`](Self::key_mode) | [`KeyMode::Raw`] | **yes** |
+/// | [`ttl_refresh`](Self::ttl_refresh) | [`TtlRefresh::FirstSeen`] | no |
+/// | [`time_domain`](Self::time_domain) | [`TimeDomain::ProcessingTime`] | **yes** |
+/// | [`allowed_lateness`](Self::allowed_lateness) | 0 | no |
 ///
 /// ```
 /// use std::time::Duration;
@@ -87,6 +136,9 @@ pub struct Options {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) max_key_len: usize,
     pub(crate) key_mode: KeyMode,
+    pub(crate) ttl_refresh: TtlRefresh,
+    pub(crate) time_domain: TimeDomain,
+    pub(crate) allowed_lateness: Duration,
 }
 
 impl Default for Options {
@@ -99,6 +151,9 @@ impl Default for Options {
             clock: Arc::new(SystemClock),
             max_key_len: 1024,
             key_mode: KeyMode::Raw,
+            ttl_refresh: TtlRefresh::FirstSeen,
+            time_domain: TimeDomain::ProcessingTime,
+            allowed_lateness: Duration::ZERO,
         }
     }
 }
@@ -116,6 +171,9 @@ impl fmt::Debug for Options {
             .field("clock", &self.clock)
             .field("max_key_len", &self.max_key_len)
             .field("key_mode", &self.key_mode)
+            .field("ttl_refresh", &self.ttl_refresh)
+            .field("time_domain", &self.time_domain)
+            .field("allowed_lateness", &self.allowed_lateness)
             .finish()
     }
 }
@@ -177,6 +235,32 @@ impl Options {
         self
     }
 
+    /// Whether seeing a live key again extends its expiry; see [`TtlRefresh`].
+    /// Default: `FirstSeen`.
+    #[must_use]
+    pub fn ttl_refresh(mut self, refresh: TtlRefresh) -> Self {
+        self.ttl_refresh = refresh;
+        self
+    }
+
+    /// Which clock TTLs run on; fixed when the store is created. See
+    /// [`TimeDomain`]. Default: `ProcessingTime`.
+    #[must_use]
+    pub fn time_domain(mut self, domain: TimeDomain) -> Self {
+        self.time_domain = domain;
+        self
+    }
+
+    /// Under [`TimeDomain::EventTime`], how far behind the highest committed
+    /// event time the partition's watermark trails, so that late messages are
+    /// still judged against marks that would otherwise have just expired.
+    /// Default: zero.
+    #[must_use]
+    pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
+        self.allowed_lateness = lateness;
+        self
+    }
+
     /// The configured TTL.
     pub fn get_ttl(&self) -> Duration {
         self.ttl
@@ -190,6 +274,10 @@ impl Options {
     /// The TTL in whole milliseconds (validated to be at least 1).
     pub(crate) fn ttl_millis(&self) -> u64 {
         u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn lateness_millis(&self) -> u64 {
+        u64::try_from(self.allowed_lateness.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Checks every option's range. Called once by `Store::open`.
@@ -218,6 +306,12 @@ impl Options {
                 self.max_key_len
             )));
         }
+        if self.allowed_lateness > MAX_TTL {
+            return Err(Error::InvalidOptions(format!(
+                "allowed_lateness must be at most 100 years, got {:?}",
+                self.allowed_lateness
+            )));
+        }
         Ok(())
     }
 }
@@ -243,6 +337,7 @@ mod tests {
             Options::default().bloom_fp_rate(f64::NAN),
             Options::default().max_key_len(0),
             Options::default().max_key_len(MAX_KEY_LEN_LIMIT + 1),
+            Options::default().allowed_lateness(MAX_TTL * 2),
         ];
         for opts in bad {
             assert!(
@@ -258,5 +353,8 @@ mod tests {
             assert_eq!(KeyMode::parse(m.as_str()), Some(m));
         }
         assert_eq!(KeyMode::parse("other"), None);
+        for d in [TimeDomain::ProcessingTime, TimeDomain::EventTime] {
+            assert_eq!(TimeDomain::parse(d.as_str()), Some(d));
+        }
     }
 }

@@ -109,6 +109,29 @@ pub enum Error {
     #[error("this thread holds an open batch on {0}; commit or drop it first")]
     BatchInProgress(Partition),
 
+    /// The write comes from an epoch other than the partition's current one:
+    /// the partition was reassigned (a newer consumer-group generation) and
+    /// this writer is a zombie. Nothing was written; stop processing the
+    /// partition.
+    #[error("{partition} is at epoch {current}; a write under epoch {attempted} is fenced off")]
+    Fenced {
+        /// The partition.
+        partition: Partition,
+        /// The partition's epoch.
+        current: u64,
+        /// The epoch the write was made under.
+        attempted: u64,
+    },
+
+    /// The claim is no longer held: it was released, or its lease ran out and
+    /// another processor claimed the key. Nothing was written; the other
+    /// processor owns the key now.
+    #[error("claim on {partition} was lost (released, or taken over after its lease ran out)")]
+    ClaimLost {
+        /// The partition.
+        partition: Partition,
+    },
+
     /// RocksDB reported an error. The operation may not have been applied; a
     /// batch is never half-applied.
     #[error("storage error: {0}")]

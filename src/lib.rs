@@ -50,6 +50,7 @@
 
 mod batch;
 mod bloom;
+mod claim;
 mod clock;
 mod config;
 mod error;
@@ -61,8 +62,9 @@ mod store;
 mod ttl;
 
 pub use batch::Batch;
+pub use claim::{Claim, ClaimToken};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Durability, KeyMode, Options, MAX_KEY_LEN_LIMIT};
+pub use config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh, MAX_KEY_LEN_LIMIT};
 pub use error::{Error, Result};
 pub use partition::Partition;
 pub use shard::Verdict;

@@ -5,6 +5,7 @@
 //! exactly store
 //! format_version = 1
 //! key_mode = raw
+//! time_domain = processing
 //! checksum = 0123456789abcdef
 //! ```
 //! The checksum is the XXH3-64 of the lines above it, so damage is detected
@@ -16,7 +17,7 @@ use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::config::KeyMode;
+use crate::config::{KeyMode, TimeDomain};
 use crate::error::{Error, Result};
 
 /// File name of the manifest inside the store directory.
@@ -30,14 +31,16 @@ const HEADER: &str = "exactly store";
 pub(crate) struct Manifest {
     pub(crate) format_version: u32,
     pub(crate) key_mode: KeyMode,
+    pub(crate) time_domain: TimeDomain,
 }
 
 impl Manifest {
     fn body(&self) -> String {
         format!(
-            "{HEADER}\nformat_version = {}\nkey_mode = {}\n",
+            "{HEADER}\nformat_version = {}\nkey_mode = {}\ntime_domain = {}\n",
             self.format_version,
-            self.key_mode.as_str()
+            self.key_mode.as_str(),
+            self.time_domain.as_str()
         )
     }
 
@@ -68,10 +71,13 @@ impl Manifest {
         }
         let mut format_version = None;
         let mut key_mode = None;
+        // Absent in manifests written before time domains existed.
+        let mut time_domain = Some(TimeDomain::ProcessingTime);
         for line in body.lines().skip(1) {
             match line.split_once(" = ") {
                 Some(("format_version", v)) => format_version = v.parse().ok(),
                 Some(("key_mode", v)) => key_mode = KeyMode::parse(v),
+                Some(("time_domain", v)) => time_domain = TimeDomain::parse(v),
                 // Unknown fields may come from a newer format; the version check decides.
                 _ => {}
             }
@@ -84,9 +90,11 @@ impl Manifest {
             });
         }
         let key_mode = key_mode.ok_or_else(|| corrupt("no valid key_mode"))?;
+        let time_domain = time_domain.ok_or_else(|| corrupt("no valid time_domain"))?;
         Ok(Some(Self {
             format_version,
             key_mode,
+            time_domain,
         }))
     }
 
@@ -134,6 +142,7 @@ mod tests {
         Manifest {
             format_version: FORMAT_VERSION,
             key_mode: KeyMode::Hashed,
+            time_domain: TimeDomain::EventTime,
         }
     }
 

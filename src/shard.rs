@@ -1,6 +1,7 @@
 //! One partition's shard: its column family's key layout, its Bloom front,
 //! its write lock and its counters.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
@@ -11,14 +12,19 @@ use xxhash_rust::xxh3::xxh3_128;
 use crate::bloom::ExpiringFilter;
 use crate::config::KeyMode;
 use crate::error::{Error, Result};
+use crate::ttl::{CfShared, Entry};
 use crate::Partition;
 
-/// First byte of a partition's own metadata keys.
-pub(crate) const META_TAG: u8 = 0;
 /// First byte of a mark key: `[MARK_TAG] ++ key` (or `++ xxh3_128(key)`).
 pub(crate) const MARK_TAG: u8 = 1;
+// A partition's own metadata keys start with 0x00, mark keys with MARK_TAG.
+
 /// The key of the partition's committed consumer offset (value: i64 BE).
-pub(crate) const OFFSET_KEY: &[u8] = &[META_TAG, b'o', b'f', b'f', b's', b'e', b't'];
+pub(crate) const OFFSET_KEY: &[u8] = b"\x00offset";
+/// The key of the partition's epoch (value: u64 BE).
+pub(crate) const EPOCH_KEY: &[u8] = b"\x00epoch";
+/// The key of the partition's highest committed event time (value: u64 BE).
+pub(crate) const EVENT_TIME_KEY: &[u8] = b"\x00event_time";
 
 /// The answer to "already processed?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,6 +55,16 @@ pub(crate) fn mark_key(mode: KeyMode, key: &[u8]) -> Vec<u8> {
 
 pub(crate) fn encode_offset(offset: i64) -> [u8; 8] {
     offset.to_be_bytes()
+}
+
+pub(crate) fn decode_u64(value: &[u8], what: &str) -> Result<u64> {
+    let bytes: [u8; 8] = value.try_into().map_err(|_| {
+        Error::Corruption(format!(
+            "stored {what} is {} bytes, expected 8",
+            value.len()
+        ))
+    })?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 pub(crate) fn decode_offset(value: &[u8]) -> Result<i64> {
@@ -94,6 +110,15 @@ pub(crate) type WriterGuard = ArcMutexGuard<RawMutex, WriterState>;
 /// No committed offset yet.
 const NO_OFFSET: i64 = -1;
 
+/// What a shard starts with, read from disk by `assign`.
+pub(crate) struct ShardInit {
+    pub(crate) offset: Option<i64>,
+    pub(crate) epoch: u64,
+    pub(crate) event_time: u64,
+    pub(crate) filter: ExpiringFilter,
+    pub(crate) claims: HashMap<Vec<u8>, Entry>,
+}
+
 /// An assigned partition.
 pub(crate) struct Shard {
     pub(crate) partition: Partition,
@@ -102,29 +127,87 @@ pub(crate) struct Shard {
     /// The thread that holds an open batch, to refuse self-deadlock.
     holder: Mutex<Option<ThreadId>>,
     offset: AtomicI64,
+    epoch: AtomicU64,
+    /// Highest committed event time (event-time stores).
+    event_time: AtomicU64,
+    /// Marks: the Bloom front.
     pub(crate) filter: RwLock<ExpiringFilter>,
+    /// Claims on disk, known exactly (there are few at a time).
+    claims: Mutex<HashMap<Vec<u8>, Entry>>,
     pub(crate) counters: Counters,
-    pub(crate) dropped: Arc<AtomicU64>,
+    pub(crate) cf_shared: Arc<CfShared>,
 }
 
 impl Shard {
     pub(crate) fn new(
         partition: Partition,
         cf_name: String,
-        offset: Option<i64>,
-        filter: ExpiringFilter,
-        dropped: Arc<AtomicU64>,
+        init: ShardInit,
+        cf_shared: Arc<CfShared>,
     ) -> Self {
         Self {
             partition,
             cf_name,
             writer: Arc::new(Mutex::new(WriterState { revoked: false })),
             holder: Mutex::new(None),
-            offset: AtomicI64::new(offset.unwrap_or(NO_OFFSET)),
-            filter: RwLock::new(filter),
+            offset: AtomicI64::new(init.offset.unwrap_or(NO_OFFSET)),
+            epoch: AtomicU64::new(init.epoch),
+            event_time: AtomicU64::new(init.event_time),
+            filter: RwLock::new(init.filter),
+            claims: Mutex::new(init.claims),
             counters: Counters::default(),
-            dropped,
+            cf_shared,
         }
+    }
+
+    /// The partition's epoch (0 if it was never assigned with one).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Publishes a new epoch; call with the write lock held.
+    pub(crate) fn set_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    pub(crate) fn event_time(&self) -> u64 {
+        self.event_time.load(Ordering::Acquire)
+    }
+
+    /// Publishes a higher committed event time and the watermark derived from
+    /// it (for the compaction filter); call with the write lock held.
+    pub(crate) fn advance_event_time(&self, event_time: u64, lateness: u64) {
+        self.event_time.fetch_max(event_time, Ordering::AcqRel);
+        self.cf_shared
+            .watermark
+            .fetch_max(event_time.saturating_sub(lateness), Ordering::AcqRel);
+    }
+
+    /// The live claim on `k`, if any.
+    pub(crate) fn live_claim(&self, k: &[u8], clock_now: u64) -> Option<Entry> {
+        self.claims
+            .lock()
+            .get(k)
+            .copied()
+            .filter(|e| e.is_live(0, clock_now))
+    }
+
+    /// Records what a commit wrote for `k`; call with the write lock held.
+    pub(crate) fn note_claim(&self, k: &[u8], entry: Option<Entry>) {
+        let mut claims = self.claims.lock();
+        match entry {
+            Some(e @ Entry::Claimed { .. }) => {
+                claims.insert(k.to_vec(), e);
+            }
+            _ => {
+                claims.remove(k);
+            }
+        }
+    }
+
+    /// Forgets claims whose lease ran out.
+    pub(crate) fn expire_claims(&self, clock_now: u64) {
+        self.claims.lock().retain(|_, e| e.is_live(0, clock_now));
     }
 
     /// Takes the partition's write lock, waiting for another thread's batch.
@@ -148,12 +231,6 @@ impl Shard {
 
     pub(crate) fn clear_holder(&self) {
         *self.holder.lock() = None;
-    }
-
-    /// Counts a key found again inside the same open batch.
-    pub(crate) fn count_pending_duplicate(&self) {
-        Counters::bump(&self.counters.checks);
-        Counters::bump(&self.counters.duplicates);
     }
 
     pub(crate) fn committed_offset(&self) -> Option<i64> {

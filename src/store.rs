@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use rocksdb::{
@@ -15,13 +16,17 @@ use rocksdb::{
 
 use crate::batch::Batch;
 use crate::bloom::ExpiringFilter;
+use crate::claim::{Claim, ClaimToken};
 use crate::clock::TimeKeeper;
-use crate::config::{Durability, KeyMode, Options};
+use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
 use crate::error::{Error, Result};
 use crate::manifest::{sync_dir, Manifest, FORMAT_VERSION};
-use crate::shard::{decode_offset, mark_key, Counters, Shard, Verdict, MARK_TAG, OFFSET_KEY};
+use crate::shard::{
+    decode_offset, decode_u64, mark_key, Counters, Shard, ShardInit, Verdict, EPOCH_KEY,
+    EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY,
+};
 use crate::stats::{PartitionStats, Stats};
-use crate::ttl::{decode_mark, encode_mark, expiry, install_compaction_filter, is_live};
+use crate::ttl::{install_compaction_filter, CfShared, Entry};
 use crate::Partition;
 
 type Db = DBWithThreadMode<MultiThreaded>;
@@ -70,9 +75,8 @@ pub struct Store {
     shards: RwLock<HashMap<Partition, Arc<Shard>>>,
     /// Serialises assign, revoke and delete.
     membership: Mutex<()>,
-    /// Expired-mark counters of every partition column family, shared with
-    /// its compaction filter.
-    dropped: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// State shared with each partition column family's compaction filter.
+    cf_shared: Mutex<HashMap<String, Arc<CfShared>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -98,7 +102,7 @@ impl Store {
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self> {
         options.validate()?;
         let path = path.as_ref().to_path_buf();
-        prepare_dir(&path, options.key_mode)?;
+        prepare_dir(&path, &options)?;
 
         let time = Arc::new(TimeKeeper::new(options.clock.clone()));
         let mut db_options = db_options();
@@ -114,7 +118,7 @@ impl Store {
             Vec::new()
         };
 
-        let mut dropped = HashMap::new();
+        let mut cf_shared = HashMap::new();
         let mut descriptors = Vec::new();
         for name in existing {
             if name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME {
@@ -125,9 +129,10 @@ impl Store {
                     "unexpected column family {name:?}"
                 )));
             }
-            let counter = Arc::new(AtomicU64::new(0));
-            let cf_options = partition_cf_options(time.clone(), counter.clone());
-            dropped.insert(name.clone(), counter);
+            let shared = Arc::new(CfShared::default());
+            let cf_options =
+                partition_cf_options(time.clone(), options.time_domain, shared.clone());
+            cf_shared.insert(name.clone(), shared);
             descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
         }
         let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
@@ -144,45 +149,124 @@ impl Store {
             write_options,
             shards: RwLock::new(HashMap::new()),
             membership: Mutex::new(()),
-            dropped: Mutex::new(dropped),
+            cf_shared: Mutex::new(cf_shared),
         })
     }
 
     /// Assigns a partition to this store (on a consumer-group rebalance):
     /// opens its shard, creating it if new, and rebuilds its Bloom front from
     /// the live marks on disk. Assigning an assigned partition does nothing.
+    /// The partition keeps the epoch it had; see
+    /// [`assign_with_epoch`](Self::assign_with_epoch).
     ///
     /// Errors: [`Error::InvalidPartition`] for a topic or number Kafka would
     /// not accept; [`Error::Corruption`] if the shard's data is damaged.
     pub fn assign(&self, partition: &Partition) -> Result<()> {
+        self.assign_inner(partition, None)
+    }
+
+    /// Assigns a partition under `epoch`: the consumer-group generation, or
+    /// any number the caller increases with every reassignment. The epoch is
+    /// stored with the shard and never goes backwards; batches fenced with an
+    /// older epoch ([`Batch::fence`]) and claims made under one are refused
+    /// with [`Error::Fenced`]. Assigning an assigned partition with a newer
+    /// epoch moves it to that epoch.
+    ///
+    /// Errors: as [`assign`](Self::assign), and [`Error::Fenced`] (nothing
+    /// changed) if the partition's epoch is already higher.
+    pub fn assign_with_epoch(&self, partition: &Partition, epoch: u64) -> Result<()> {
+        self.assign_inner(partition, Some(epoch))
+    }
+
+    /// The partition's epoch (0 if it was never assigned with one).
+    pub fn epoch(&self, partition: &Partition) -> Result<u64> {
+        Ok(self.shard(partition)?.epoch())
+    }
+
+    fn assign_inner(&self, partition: &Partition, epoch: Option<u64>) -> Result<()> {
         partition.validate()?;
-        let _membership = self.membership.lock();
-        if self.shards.read().contains_key(partition) {
+        let membership = self.membership.lock();
+        let existing = self.shards.read().get(partition).cloned();
+        if let Some(shard) = existing {
+            drop(membership);
+            if let Some(epoch) = epoch {
+                if epoch != shard.epoch() {
+                    self.fence_check(partition, shard.epoch(), epoch)?;
+                    let mut batch = self.batch(partition)?;
+                    batch.set_epoch(epoch);
+                    batch.commit()?;
+                }
+            }
             return Ok(());
         }
         let name = partition.cf_name();
         if self.db.cf_handle(&name).is_none() {
-            let counter = Arc::new(AtomicU64::new(0));
-            let cf_options = partition_cf_options(self.time.clone(), counter.clone());
+            let shared = Arc::new(CfShared::default());
+            let cf_options =
+                partition_cf_options(self.time.clone(), self.options.time_domain, shared.clone());
             self.db
                 .create_cf(&name, &cf_options)
                 .map_err(|e| self.storage(e))?;
-            self.dropped.lock().insert(name.clone(), counter);
+            self.cf_shared.lock().insert(name.clone(), shared);
         }
-        let dropped = self.dropped.lock().get(&name).cloned().unwrap_or_default();
+        let shared = self
+            .cf_shared
+            .lock()
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
         let cf = self.cf_by_name(&name, partition)?;
+        let read_u64 = |key: &[u8], what: &str| -> Result<Option<u64>> {
+            self.db
+                .get_pinned_cf(&cf, key)
+                .map_err(|e| self.storage(e))?
+                .map(|v| decode_u64(&v, what))
+                .transpose()
+        };
+        let stored_epoch = read_u64(EPOCH_KEY, "epoch")?.unwrap_or(0);
+        if let Some(epoch) = epoch {
+            self.fence_check(partition, stored_epoch, epoch)?;
+        }
+        let event_time = read_u64(EVENT_TIME_KEY, "event time")?.unwrap_or(0);
         let offset = self
             .db
             .get_pinned_cf(&cf, OFFSET_KEY)
             .map_err(|e| self.storage(e))?
             .map(|v| decode_offset(&v))
             .transpose()?;
-        let filter = self.rebuild_filter(&cf)?;
+        let watermark = event_time.saturating_sub(self.options.lateness_millis());
+        shared.watermark.fetch_max(watermark, Ordering::AcqRel);
+        let partition_now = match self.options.time_domain {
+            TimeDomain::ProcessingTime => self.now(),
+            TimeDomain::EventTime => watermark,
+        };
+        let (filter, claims) = self.rebuild(&cf, partition_now)?;
+        let init = ShardInit {
+            offset,
+            epoch: stored_epoch,
+            event_time,
+            filter,
+            claims,
+        };
         drop(cf);
-        let shard = Shard::new(partition.clone(), name, offset, filter, dropped);
-        self.shards
-            .write()
-            .insert(partition.clone(), Arc::new(shard));
+        let shard = Arc::new(Shard::new(partition.clone(), name, init, shared));
+        self.shards.write().insert(partition.clone(), shard);
+        if let Some(epoch) = epoch.filter(|&e| e != stored_epoch) {
+            let mut batch = self.batch(partition)?;
+            batch.set_epoch(epoch);
+            batch.commit()?;
+        }
+        Ok(())
+    }
+
+    fn fence_check(&self, partition: &Partition, current: u64, attempted: u64) -> Result<()> {
+        if attempted < current {
+            return Err(Error::Fenced {
+                partition: partition.clone(),
+                current,
+                attempted,
+            });
+        }
         Ok(())
     }
 
@@ -221,7 +305,7 @@ impl Store {
             return Ok(false);
         }
         self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
-        self.dropped.lock().remove(&name);
+        self.cf_shared.lock().remove(&name);
         Ok(true)
     }
 
@@ -232,61 +316,102 @@ impl Store {
         v
     }
 
-    /// Whether `key` has a live mark, without marking it.
+    /// Whether `key` has a live mark (or a live claim), without marking it.
     pub fn check(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
         self.validate_key(key)?;
         let shard = self.shard(partition)?;
         let k = mark_key(self.key_mode(), key);
         let cf = self.cf(&shard)?;
-        self.lookup(&shard, &cf, &k, self.now())
+        Counters::bump(&shard.counters.checks);
+        let partition_now = match self.options.time_domain {
+            TimeDomain::ProcessingTime => self.now(),
+            TimeDomain::EventTime => shard
+                .event_time()
+                .saturating_sub(self.options.lateness_millis()),
+        };
+        match self.lookup(&shard, &cf, &k, partition_now, self.now())? {
+            Some(_) => {
+                Counters::bump(&shard.counters.duplicates);
+                Ok(Verdict::Duplicate)
+            }
+            None => Ok(Verdict::New),
+        }
     }
 
     /// Checks `key` and marks it if it is new, atomically: of several callers
     /// racing on one key, exactly one gets [`Verdict::New`]. A key with a live
-    /// mark keeps its original expiry.
+    /// mark keeps its original expiry (unless [`TtlRefresh::OnDuplicate`]);
+    /// a key with a live claim is a duplicate.
     pub fn check_and_mark(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
-        self.validate_key(key)?;
-        let shard = self.shard(partition)?;
-        let k = mark_key(self.key_mode(), key);
-        let _writer = shard.lock_writer()?;
-        let cf = self.cf(&shard)?;
-        let now = self.now();
-        let verdict = self.lookup(&shard, &cf, &k, now)?;
-        if verdict == Verdict::New {
-            let expires_at = expiry(now, self.ttl_millis);
-            {
-                let mut filter = shard.filter.write();
-                filter.expire(now);
-                filter.insert(&k, expires_at)?;
-            }
-            let mut write = WriteBatch::default();
-            write.put_cf(&cf, &k, encode_mark(expires_at));
-            self.write(write)?;
-        }
-        Ok(verdict)
+        self.single(partition, |b| b.check_and_mark(key))
     }
 
-    /// Marks `key` as processed. A key with a live mark keeps its original
-    /// expiry.
+    /// Marks `key` as processed; see [`check_and_mark`](Self::check_and_mark).
     pub fn mark(&self, partition: &Partition, key: &[u8]) -> Result<()> {
         self.check_and_mark(partition, key).map(|_| ())
     }
 
-    /// Removes `key`'s mark, so it checks as new again (e.g. the side effect
-    /// was rolled back). Returns whether it had a live mark.
+    /// [`check_and_mark`](Self::check_and_mark) for a message with event
+    /// time `event_time` (ms since the Unix epoch); see
+    /// [`Batch::check_and_mark_at`].
+    pub fn check_and_mark_at(
+        &self,
+        partition: &Partition,
+        key: &[u8],
+        event_time: u64,
+    ) -> Result<Verdict> {
+        self.single(partition, |b| b.check_and_mark_at(key, event_time))
+    }
+
+    /// [`mark`](Self::mark) with event time; see [`Batch::check_and_mark_at`].
+    pub fn mark_at(&self, partition: &Partition, key: &[u8], event_time: u64) -> Result<()> {
+        self.check_and_mark_at(partition, key, event_time)
+            .map(|_| ())
+    }
+
+    /// [`mark`](Self::mark) with a TTL of its own, for keys that must be
+    /// remembered longer (or shorter) than the store's TTL.
+    pub fn mark_with_ttl(&self, partition: &Partition, key: &[u8], ttl: Duration) -> Result<()> {
+        self.single(partition, |b| b.mark_with_ttl(key, ttl))
+    }
+
+    /// Removes `key`'s mark (or claim), so it checks as new again (e.g. the
+    /// side effect was rolled back). Returns whether it had a live one.
     pub fn unmark(&self, partition: &Partition, key: &[u8]) -> Result<bool> {
-        self.validate_key(key)?;
-        let shard = self.shard(partition)?;
-        let k = mark_key(self.key_mode(), key);
-        let _writer = shard.lock_writer()?;
-        let cf = self.cf(&shard)?;
-        let was_live = self
-            .read_mark(&cf, &k)?
-            .is_some_and(|e| is_live(e, self.now()));
-        let mut write = WriteBatch::default();
-        write.delete_cf(&cf, &k);
-        self.write(write)?;
-        Ok(was_live)
+        self.single(partition, |b| b.unmark(key))
+    }
+
+    /// Claims `key` for processing for `lease`, written at once so that
+    /// other threads and, after a crash, a restarted process see it in
+    /// flight. See [`Claim`] for the answers, and [`confirm`](Self::confirm)
+    /// and [`release`](Self::release) (or their [`Batch`] forms) for what
+    /// follows. A crashed processor's claim can be taken over once its lease
+    /// runs out.
+    pub fn claim(&self, partition: &Partition, key: &[u8], lease: Duration) -> Result<Claim> {
+        self.single(partition, |b| b.claim(key, lease))
+    }
+
+    /// Turns a claim into a processed mark; see [`Batch::confirm`].
+    pub fn confirm(&self, token: &ClaimToken) -> Result<()> {
+        self.single(&token.partition, |b| b.confirm(token))
+    }
+
+    /// Removes a claim so the key can be processed again; see
+    /// [`Batch::release`].
+    pub fn release(&self, token: &ClaimToken) -> Result<()> {
+        self.single(&token.partition, |b| b.release(token))
+    }
+
+    /// Runs one operation in a batch of its own and commits it.
+    fn single<T>(
+        &self,
+        partition: &Partition,
+        op: impl FnOnce(&mut Batch<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut batch = self.batch(partition)?;
+        let out = op(&mut batch)?;
+        batch.commit()?;
+        Ok(out)
     }
 
     /// Opens a batch on the partition: marks and an offset, committed in one
@@ -350,7 +475,7 @@ impl Store {
                     duplicates: load(&c.duplicates),
                     bloom_negatives: load(&c.bloom_negatives),
                     bloom_false_positives: load(&c.bloom_false_positives),
-                    expired_dropped: load(&shard.dropped),
+                    expired_dropped: load(&shard.cf_shared.dropped),
                     filter_bytes: shard.filter.read().memory_bytes(),
                     committed_offset: shard.committed_offset(),
                 },
@@ -398,29 +523,56 @@ impl Store {
         Ok(())
     }
 
-    /// "Already processed?" for a stored key: the Bloom front first, then
-    /// RocksDB to confirm every positive.
+    pub(crate) fn time_domain(&self) -> TimeDomain {
+        self.options.time_domain
+    }
+
+    pub(crate) fn ttl_refresh(&self) -> TtlRefresh {
+        self.options.ttl_refresh
+    }
+
+    pub(crate) fn lateness_millis(&self) -> u64 {
+        self.options.lateness_millis()
+    }
+
+    /// "Already processed?" for a stored key: its live entry, if any. Claims
+    /// are known exactly in memory; marks go through the Bloom front, and
+    /// RocksDB confirms every positive.
     pub(crate) fn lookup(
         &self,
         shard: &Shard,
         cf: &Arc<BoundColumnFamily<'_>>,
         k: &[u8],
-        now: u64,
-    ) -> Result<Verdict> {
-        Counters::bump(&shard.counters.checks);
-        if !shard.filter.read().may_contain(k, now) {
-            Counters::bump(&shard.counters.bloom_negatives);
-            return Ok(Verdict::New);
+        partition_now: u64,
+        clock_now: u64,
+    ) -> Result<Option<Entry>> {
+        if let Some(claim) = shard.live_claim(k, clock_now) {
+            return Ok(Some(claim));
         }
-        match self.read_mark(cf, k)? {
-            Some(expires_at) if is_live(expires_at, now) => {
-                Counters::bump(&shard.counters.duplicates);
-                Ok(Verdict::Duplicate)
-            }
+        if !shard.filter.read().may_contain(k, partition_now) {
+            Counters::bump(&shard.counters.bloom_negatives);
+            return Ok(None);
+        }
+        match self.read_entry(cf, k)? {
+            Some(e) if e.is_live(partition_now, clock_now) => Ok(Some(e)),
             _ => {
                 Counters::bump(&shard.counters.bloom_false_positives);
-                Ok(Verdict::New)
+                Ok(None)
             }
+        }
+    }
+
+    /// The stored entry of `k`, live or not.
+    pub(crate) fn read_entry(
+        &self,
+        cf: &Arc<BoundColumnFamily<'_>>,
+        k: &[u8],
+    ) -> Result<Option<Entry>> {
+        match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {
+            None => Ok(None),
+            Some(v) => Entry::decode(&v).map(Some).ok_or_else(|| {
+                Error::Corruption(format!("entry value of {} bytes is malformed", v.len()))
+            }),
         }
     }
 
@@ -428,15 +580,6 @@ impl Store {
         self.db
             .write_opt(batch, &self.write_options)
             .map_err(|e| self.storage(e))
-    }
-
-    fn read_mark(&self, cf: &Arc<BoundColumnFamily<'_>>, k: &[u8]) -> Result<Option<u64>> {
-        match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {
-            None => Ok(None),
-            Some(v) => decode_mark(&v).map(Some).ok_or_else(|| {
-                Error::Corruption(format!("mark value of {} bytes is malformed", v.len()))
-            }),
-        }
     }
 
     fn shard(&self, partition: &Partition) -> Result<Arc<Shard>> {
@@ -457,27 +600,39 @@ impl Store {
             .ok_or_else(|| Error::NotAssigned(partition.clone()))
     }
 
-    /// Builds a partition's Bloom front from its live marks on disk.
-    fn rebuild_filter(&self, cf: &Arc<BoundColumnFamily<'_>>) -> Result<ExpiringFilter> {
-        let now = self.now();
+    /// Builds a partition's Bloom front from its live marks on disk, and its
+    /// table of claims.
+    fn rebuild(
+        &self,
+        cf: &Arc<BoundColumnFamily<'_>>,
+        partition_now: u64,
+    ) -> Result<(ExpiringFilter, HashMap<Vec<u8>, Entry>)> {
+        let clock_now = self.now();
         let mut filter = ExpiringFilter::new(
             self.options.expected_keys_per_partition,
             self.options.bloom_fp_rate,
             self.ttl_millis,
         );
+        let mut claims = HashMap::new();
         let mut it = self.db.raw_iterator_cf(cf);
         it.seek([MARK_TAG]);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let expires_at = decode_mark(v).ok_or_else(|| {
-                Error::Corruption(format!("mark value of {} bytes is malformed", v.len()))
+            let entry = Entry::decode(v).ok_or_else(|| {
+                Error::Corruption(format!("entry value of {} bytes is malformed", v.len()))
             })?;
-            if is_live(expires_at, now) {
-                filter.insert(k, expires_at)?;
+            match entry {
+                Entry::Done { expires_at } if entry.is_live(partition_now, clock_now) => {
+                    filter.insert(k, expires_at)?;
+                }
+                Entry::Claimed { .. } => {
+                    claims.insert(k.to_vec(), entry);
+                }
+                Entry::Done { .. } => {}
             }
             it.next();
         }
         it.status().map_err(|e| self.storage(e))?;
-        Ok(filter)
+        Ok((filter, claims))
     }
 
     fn storage(&self, e: rocksdb::Error) -> Error {
@@ -488,7 +643,7 @@ impl Store {
 /// Makes sure `path` is a store directory with a manifest, creating both if
 /// the directory is missing or empty, and checks the manifest against the
 /// options.
-fn prepare_dir(path: &Path, key_mode: KeyMode) -> Result<()> {
+fn prepare_dir(path: &Path, options: &Options) -> Result<()> {
     let not_a_store = || Error::NotAStore {
         path: path.to_path_buf(),
     };
@@ -506,11 +661,18 @@ fn prepare_dir(path: &Path, key_mode: KeyMode) -> Result<()> {
     };
     match manifest {
         Some(m) => {
-            if m.key_mode != key_mode {
+            if m.key_mode != options.key_mode {
                 return Err(Error::IncompatibleOptions {
                     option: "key_mode",
                     stored: format!("{:?}", m.key_mode),
-                    requested: format!("{key_mode:?}"),
+                    requested: format!("{:?}", options.key_mode),
+                });
+            }
+            if m.time_domain != options.time_domain {
+                return Err(Error::IncompatibleOptions {
+                    option: "time_domain",
+                    stored: format!("{:?}", m.time_domain),
+                    requested: format!("{:?}", options.time_domain),
                 });
             }
             Ok(())
@@ -525,7 +687,8 @@ fn prepare_dir(path: &Path, key_mode: KeyMode) -> Result<()> {
             }
             Manifest {
                 format_version: FORMAT_VERSION,
-                key_mode,
+                key_mode: options.key_mode,
+                time_domain: options.time_domain,
             }
             .write(path)
         }
@@ -555,13 +718,17 @@ fn db_options() -> rocksdb::Options {
     o
 }
 
-fn partition_cf_options(time: Arc<TimeKeeper>, dropped: Arc<AtomicU64>) -> rocksdb::Options {
+fn partition_cf_options(
+    time: Arc<TimeKeeper>,
+    domain: TimeDomain,
+    shared: Arc<CfShared>,
+) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
     o.set_compression_type(DBCompressionType::Lz4);
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
     o.set_block_based_table_factory(&table);
-    install_compaction_filter(&mut o, time, dropped);
+    install_compaction_filter(&mut o, time, domain, shared);
     o
 }

@@ -1,45 +1,94 @@
-//! Expiry: how a mark's value encodes when it expires, and the compaction
-//! filter that drops expired marks from disk.
-
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+//! Expiry: what a key's value records, when it stops counting, and the
+//! compaction filter that drops expired entries from disk.
 
 use std::ffi::CStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rocksdb::compaction_filter::{CompactionFilter, Decision};
 use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilterFactory};
 
 use crate::clock::TimeKeeper;
+use crate::config::TimeDomain;
 use crate::shard::MARK_TAG;
 
-/// Tag of a processed mark's value: `[MARK_DONE, expires_at_ms: u64 BE]`.
-pub(crate) const MARK_DONE: u8 = 1;
-/// Length of an encoded mark value.
-pub(crate) const MARK_VALUE_LEN: usize = 9;
+/// Tag of a processed mark: `[TAG_DONE, expires_at: u64 BE]`.
+const TAG_DONE: u8 = 1;
+/// Tag of an in-flight claim:
+/// `[TAG_CLAIM, lease_until: u64 BE, epoch: u64 BE, token: u64 BE]`.
+const TAG_CLAIM: u8 = 2;
 
-/// Encodes a mark that expires at `expires_at` (ms since the Unix epoch).
-pub(crate) fn encode_mark(expires_at: u64) -> [u8; MARK_VALUE_LEN] {
-    let mut v = [0u8; MARK_VALUE_LEN];
-    v[0] = MARK_DONE;
-    v[1..].copy_from_slice(&expires_at.to_be_bytes());
-    v
+/// What the store records for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// Processed; a duplicate while the partition's time is below `expires_at`
+    /// (processing time, or the partition's watermark under event time).
+    Done { expires_at: u64 },
+    /// Claimed by a processor; in flight while processing time is below
+    /// `lease_until`.
+    Claimed {
+        lease_until: u64,
+        epoch: u64,
+        token: u64,
+    },
 }
 
-/// Decodes a mark value into its expiry time; `None` if it is malformed.
-pub(crate) fn decode_mark(value: &[u8]) -> Option<u64> {
-    match value {
-        [MARK_DONE, rest @ ..] if rest.len() == 8 => {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(rest);
-            Some(u64::from_be_bytes(b))
+impl Entry {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        match *self {
+            Self::Done { expires_at } => {
+                let mut v = Vec::with_capacity(9);
+                v.push(TAG_DONE);
+                v.extend_from_slice(&expires_at.to_be_bytes());
+                v
+            }
+            Self::Claimed {
+                lease_until,
+                epoch,
+                token,
+            } => {
+                let mut v = Vec::with_capacity(25);
+                v.push(TAG_CLAIM);
+                v.extend_from_slice(&lease_until.to_be_bytes());
+                v.extend_from_slice(&epoch.to_be_bytes());
+                v.extend_from_slice(&token.to_be_bytes());
+                v
+            }
         }
-        _ => None,
+    }
+
+    /// `None` if the value is malformed.
+    pub(crate) fn decode(value: &[u8]) -> Option<Self> {
+        let word = |i: usize| -> Option<u64> {
+            let bytes: [u8; 8] = value.get(i..i + 8)?.try_into().ok()?;
+            Some(u64::from_be_bytes(bytes))
+        };
+        match (value.first(), value.len()) {
+            (Some(&TAG_DONE), 9) => Some(Self::Done {
+                expires_at: word(1)?,
+            }),
+            (Some(&TAG_CLAIM), 25) => Some(Self::Claimed {
+                lease_until: word(1)?,
+                epoch: word(9)?,
+                token: word(17)?,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether the entry still counts at partition time `partition_now`
+    /// (marks) and processing time `clock_now` (claims' leases).
+    pub(crate) fn is_live(&self, partition_now: u64, clock_now: u64) -> bool {
+        match *self {
+            Self::Done { expires_at } => is_live(expires_at, partition_now),
+            Self::Claimed { lease_until, .. } => is_live(lease_until, clock_now),
+        }
     }
 }
 
-/// A mark is live (its key is a duplicate) exactly while `now < expires_at`.
-pub(crate) fn is_live(expires_at: u64, now: u64) -> bool {
-    now < expires_at
+/// A deadline `at` is still ahead exactly while `now < at`.
+pub(crate) fn is_live(at: u64, now: u64) -> bool {
+    now < at
 }
 
 /// The expiry of a mark made at `now` with time-to-live `ttl_ms`.
@@ -47,34 +96,58 @@ pub(crate) fn expiry(now: u64, ttl_ms: u64) -> u64 {
     now.saturating_add(ttl_ms)
 }
 
+/// What a partition's compaction filter needs to know, shared with the shard.
+#[derive(Debug, Default)]
+pub(crate) struct CfShared {
+    /// Expired entries removed by compaction since the store was opened.
+    pub(crate) dropped: AtomicU64,
+    /// The partition's event-time watermark (event-time stores only); zero
+    /// until the partition is assigned, so nothing is dropped by event time
+    /// before the real watermark is known.
+    pub(crate) watermark: AtomicU64,
+}
+
 /// Installs the expiry compaction filter on a partition's column family
-/// options. It removes marks whose expiry has passed and counts them in
-/// `dropped`; everything else (partition metadata, malformed values) is kept,
-/// so a damaged value is reported on read rather than silently discarded.
+/// options. It removes marks and claims that no longer count and counts them
+/// in `shared.dropped`; everything else (partition metadata, malformed
+/// values) is kept, so a damaged value is reported on read rather than
+/// silently discarded.
 ///
 /// It is installed as a factory, which RocksDB owns, so that it lives exactly
 /// as long as the column family does.
 pub(crate) fn install_compaction_filter(
     opts: &mut rocksdb::Options,
     time: Arc<TimeKeeper>,
-    dropped: Arc<AtomicU64>,
+    domain: TimeDomain,
+    shared: Arc<CfShared>,
 ) {
-    opts.set_compaction_filter_factory(ExpiryFilterFactory { time, dropped });
+    opts.set_compaction_filter_factory(ExpiryFilterFactory {
+        time,
+        domain,
+        shared,
+    });
 }
 
 struct ExpiryFilterFactory {
     time: Arc<TimeKeeper>,
-    dropped: Arc<AtomicU64>,
+    domain: TimeDomain,
+    shared: Arc<CfShared>,
 }
 
 impl CompactionFilterFactory for ExpiryFilterFactory {
     type Filter = ExpiryFilter;
 
     fn create(&mut self, _context: CompactionFilterContext) -> ExpiryFilter {
+        // One reading per compaction: every entry is judged at the same time.
+        let clock_now = self.time.now();
+        let partition_now = match self.domain {
+            TimeDomain::ProcessingTime => clock_now,
+            TimeDomain::EventTime => self.shared.watermark.load(Ordering::Acquire),
+        };
         ExpiryFilter {
-            // One reading per compaction: every mark is judged at the same time.
-            now: self.time.now(),
-            dropped: self.dropped.clone(),
+            partition_now,
+            clock_now,
+            shared: self.shared.clone(),
         }
     }
 
@@ -84,8 +157,9 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
 }
 
 struct ExpiryFilter {
-    now: u64,
-    dropped: Arc<AtomicU64>,
+    partition_now: u64,
+    clock_now: u64,
+    shared: Arc<CfShared>,
 }
 
 impl CompactionFilter for ExpiryFilter {
@@ -93,9 +167,9 @@ impl CompactionFilter for ExpiryFilter {
         if key.first() != Some(&MARK_TAG) {
             return Decision::Keep;
         }
-        match decode_mark(value) {
-            Some(expires_at) if !is_live(expires_at, self.now) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+        match Entry::decode(value) {
+            Some(entry) if !entry.is_live(self.partition_now, self.clock_now) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 Decision::Remove
             }
             _ => Decision::Keep,
@@ -112,18 +186,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mark_round_trips() {
-        for t in [0, 1, 1_700_000_000_000, u64::MAX] {
-            assert_eq!(decode_mark(&encode_mark(t)), Some(t));
+    fn entries_round_trip() {
+        for e in [
+            Entry::Done { expires_at: 0 },
+            Entry::Done {
+                expires_at: u64::MAX,
+            },
+            Entry::Claimed {
+                lease_until: 5,
+                epoch: 7,
+                token: u64::MAX,
+            },
+        ] {
+            assert_eq!(Entry::decode(&e.encode()), Some(e));
         }
     }
 
     #[test]
     fn malformed_values_do_not_decode() {
-        assert_eq!(decode_mark(&[]), None);
-        assert_eq!(decode_mark(&[MARK_DONE, 1, 2]), None);
-        assert_eq!(decode_mark(&[7, 0, 0, 0, 0, 0, 0, 0, 1]), None);
-        assert_eq!(decode_mark(&[MARK_DONE, 0, 0, 0, 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(Entry::decode(&[]), None);
+        assert_eq!(Entry::decode(&[TAG_DONE, 1, 2]), None);
+        assert_eq!(Entry::decode(&[7, 0, 0, 0, 0, 0, 0, 0, 1]), None);
+        assert_eq!(Entry::decode(&[TAG_DONE; 10]), None);
+        assert_eq!(Entry::decode(&[TAG_CLAIM; 9]), None);
     }
 
     #[test]
@@ -133,5 +218,19 @@ mod tests {
         assert!(is_live(e, 1_499));
         assert!(!is_live(e, 1_500));
         assert_eq!(expiry(u64::MAX - 1, 10), u64::MAX);
+    }
+
+    #[test]
+    fn claims_live_by_the_clock_marks_by_partition_time() {
+        let claim = Entry::Claimed {
+            lease_until: 100,
+            epoch: 0,
+            token: 1,
+        };
+        assert!(claim.is_live(1_000, 99));
+        assert!(!claim.is_live(0, 100));
+        let done = Entry::Done { expires_at: 100 };
+        assert!(done.is_live(99, 1_000));
+        assert!(!done.is_live(100, 0));
     }
 }
