@@ -7,7 +7,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use exactly::{Error, ManualClock, Options, Partition, Store, Verdict};
+use exactly::{
+    Claim, ClaimToken, Error, ManualClock, Options, Partition, Store, TtlRefresh, Verdict,
+};
 use proptest::prelude::*;
 
 const TTL_MS: u64 = 1_000;
@@ -33,8 +35,13 @@ enum Op {
         p: i32,
         ops: Vec<BatchOp>,
         offset_delta: Option<i64>,
+        fence: Option<u64>,
         commit: bool,
     },
+    Claim(i32, u8, u64),
+    Confirm(usize),
+    Release(usize),
+    AssignEpoch(i32, u64),
     Advance(u64),
     Compact(i32),
     Reopen {
@@ -61,31 +68,54 @@ fn op() -> impl Strategy<Value = Op> {
             p.clone(),
             proptest::collection::vec(batch_op, 0..6),
             proptest::option::of(-2i64..5),
+            proptest::option::weighted(0.3, 0u64..4),
             proptest::bool::weighted(0.85)
         )
-            .prop_map(|(p, ops, offset_delta, commit)| Op::Batch {
+            .prop_map(|(p, ops, offset_delta, fence, commit)| Op::Batch {
                 p,
                 ops,
                 offset_delta,
+                fence,
                 commit
             }),
+        3 => (p.clone(), k.clone(), prop_oneof![Just(300u64), Just(1_500u64)])
+            .prop_map(|(p, k, lease)| Op::Claim(p, k, lease)),
+        2 => any::<usize>().prop_map(Op::Confirm),
+        1 => any::<usize>().prop_map(Op::Release),
+        1 => (p.clone(), 0u64..4).prop_map(|(p, e)| Op::AssignEpoch(p, e)),
         3 => (0..TTL_MS + 300).prop_map(Op::Advance),
         2 => p.prop_map(Op::Compact),
         2 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
     ]
 }
 
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Entry {
+    Done(u64),
+    /// Lease end, epoch, and the model's id of the claim.
+    Claimed(u64, u64, u64),
+}
+
 #[derive(Default)]
 struct Model {
     now: u64,
-    marks: HashMap<(i32, u8), u64>,
+    refresh_on_duplicate: bool,
+    marks: HashMap<(i32, u8), Entry>,
     offsets: HashMap<i32, i64>,
+    epochs: HashMap<i32, u64>,
     assigned: BTreeSet<i32>,
+    next_claim: u64,
 }
 
 impl Model {
+    fn live_entry(&self, p: i32, k: u8) -> Option<Entry> {
+        self.marks.get(&(p, k)).copied().filter(|e| match *e {
+            Entry::Done(exp) | Entry::Claimed(exp, ..) => self.now < exp,
+        })
+    }
+
     fn live(&self, p: i32, k: u8) -> bool {
-        self.marks.get(&(p, k)).is_some_and(|&e| self.now < e)
+        self.live_entry(p, k).is_some()
     }
 
     fn verdict(&self, p: i32, k: u8) -> Verdict {
@@ -97,11 +127,23 @@ impl Model {
     }
 
     fn check_and_mark(&mut self, p: i32, k: u8) -> Verdict {
-        let v = self.verdict(p, k);
-        if v == Verdict::New {
-            self.marks.insert((p, k), self.now + TTL_MS);
+        match self.live_entry(p, k) {
+            Some(Entry::Done(exp)) => {
+                if self.refresh_on_duplicate && self.now + TTL_MS > exp {
+                    self.marks.insert((p, k), Entry::Done(self.now + TTL_MS));
+                }
+                Verdict::Duplicate
+            }
+            Some(Entry::Claimed(..)) => Verdict::Duplicate,
+            None => {
+                self.marks.insert((p, k), Entry::Done(self.now + TTL_MS));
+                Verdict::New
+            }
         }
-        v
+    }
+
+    fn epoch(&self, p: i32) -> u64 {
+        self.epochs.get(&p).copied().unwrap_or(0)
     }
 }
 
@@ -113,8 +155,14 @@ fn key(k: u8) -> [u8; 3] {
     [b'k', b'-', b'a' + k]
 }
 
-fn options(clock: &ManualClock) -> Options {
+fn options(clock: &ManualClock, refresh_on_duplicate: bool) -> Options {
+    let refresh = if refresh_on_duplicate {
+        TtlRefresh::OnDuplicate
+    } else {
+        TtlRefresh::FirstSeen
+    };
     Options::default()
+        .ttl_refresh(refresh)
         .ttl(Duration::from_millis(TTL_MS))
         .expected_keys_per_partition(16)
         .bloom_fp_rate(0.3) // many false positives: they must all be confirmed away
@@ -125,13 +173,17 @@ fn not_assigned<T: std::fmt::Debug>(r: exactly::Result<T>) {
     assert!(matches!(r, Err(Error::NotAssigned(_))), "{r:?}");
 }
 
-fn run(dir: &Path, ops: Vec<Op>) {
+fn run(dir: &Path, ops: Vec<Op>, refresh_on_duplicate: bool) {
     let clock = ManualClock::new(common::T0);
-    let mut store = Some(Store::open(dir, options(&clock)).unwrap());
+    let opts = || options(&clock, refresh_on_duplicate);
+    let mut store = Some(Store::open(dir, opts()).unwrap());
     let mut m = Model {
         now: common::T0,
+        refresh_on_duplicate,
         ..Model::default()
     };
+    // Tokens held by the test, with the model's id of each claim.
+    let mut tokens: Vec<(ClaimToken, i32, u8, u64)> = Vec::new();
     for op in ops {
         let s = store.as_ref().unwrap();
         match op {
@@ -152,6 +204,7 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 m.assigned.remove(&p);
                 m.marks.retain(|&(q, _), _| q != p);
                 m.offsets.remove(&p);
+                m.epochs.remove(&p);
             }
             Op::Check(p, k) => {
                 let r = s.check(&part(p), &key(k));
@@ -182,6 +235,7 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 p,
                 ops,
                 offset_delta,
+                fence,
                 commit,
             } => {
                 let b = s.batch(&part(p));
@@ -190,16 +244,30 @@ fn run(dir: &Path, ops: Vec<Op>) {
                     continue;
                 }
                 let mut b = b.unwrap();
+                if let Some(f) = fence {
+                    b.fence(f);
+                }
                 let mut staged = HashMap::new();
                 for bop in ops {
                     let k = match bop {
                         BatchOp::CheckAndMark(k) | BatchOp::Mark(k) => k,
                     };
-                    let expected = if staged.contains_key(&k) || m.live(p, k) {
+                    let expected = if staged.contains_key(&k) {
                         Verdict::Duplicate
                     } else {
-                        staged.insert(k, m.now + TTL_MS);
-                        Verdict::New
+                        match m.live_entry(p, k) {
+                            Some(Entry::Done(exp)) => {
+                                if m.refresh_on_duplicate && m.now + TTL_MS > exp {
+                                    staged.insert(k, Entry::Done(m.now + TTL_MS));
+                                }
+                                Verdict::Duplicate
+                            }
+                            Some(Entry::Claimed(..)) => Verdict::Duplicate,
+                            None => {
+                                staged.insert(k, Entry::Done(m.now + TTL_MS));
+                                Verdict::New
+                            }
+                        }
                     };
                     match bop {
                         BatchOp::CheckAndMark(k) => {
@@ -219,6 +287,9 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 }
                 let r = b.commit();
                 match offset {
+                    _ if fence.is_some_and(|f| f != m.epoch(p)) => {
+                        assert!(matches!(r, Err(Error::Fenced { .. })), "{r:?}")
+                    }
                     Some(o) if o < 0 => {
                         assert!(matches!(r, Err(Error::InvalidOffset(_))), "{r:?}")
                     }
@@ -234,6 +305,70 @@ fn run(dir: &Path, ops: Vec<Op>) {
                             m.offsets.insert(p, o);
                         }
                     }
+                }
+            }
+            Op::Claim(p, k, lease) => {
+                let r = s.claim(&part(p), &key(k), Duration::from_millis(lease));
+                if !m.assigned.contains(&p) {
+                    not_assigned(r);
+                    continue;
+                }
+                match (r.unwrap(), m.live_entry(p, k)) {
+                    (Claim::Done, Some(Entry::Done(_))) => {}
+                    (
+                        Claim::InFlight {
+                            holder_epoch,
+                            expires_at,
+                        },
+                        Some(Entry::Claimed(lease_until, epoch, _)),
+                    ) => {
+                        assert_eq!((holder_epoch, expires_at), (epoch, lease_until));
+                    }
+                    (Claim::Acquired(token), None) => {
+                        assert_eq!(token.epoch(), m.epoch(p));
+                        m.next_claim += 1;
+                        let entry = Entry::Claimed(m.now + lease, m.epoch(p), m.next_claim);
+                        m.marks.insert((p, k), entry);
+                        tokens.push((token, p, k, m.next_claim));
+                    }
+                    (got, want) => panic!("claim {p} {k}: got {got:?}, model has {want:?}"),
+                }
+            }
+            Op::Confirm(i) | Op::Release(i) => {
+                if tokens.is_empty() {
+                    continue;
+                }
+                let (token, p, k, id) = tokens[i % tokens.len()].clone();
+                let confirm = matches!(op, Op::Confirm(_));
+                let r = if confirm {
+                    s.confirm(&token)
+                } else {
+                    s.release(&token)
+                };
+                if !m.assigned.contains(&p) {
+                    not_assigned(r);
+                } else if token.epoch() != m.epoch(p) {
+                    assert!(matches!(r, Err(Error::Fenced { .. })), "{r:?}");
+                } else if matches!(m.marks.get(&(p, k)), Some(Entry::Claimed(_, _, c)) if *c == id)
+                {
+                    r.unwrap();
+                    if confirm {
+                        m.marks.insert((p, k), Entry::Done(m.now + TTL_MS));
+                    } else {
+                        m.marks.remove(&(p, k));
+                    }
+                } else {
+                    assert!(matches!(r, Err(Error::ClaimLost { .. })), "{r:?}");
+                }
+            }
+            Op::AssignEpoch(p, e) => {
+                let r = s.assign_with_epoch(&part(p), e);
+                if e < m.epoch(p) {
+                    assert!(matches!(r, Err(Error::Fenced { .. })), "{r:?}");
+                } else {
+                    r.unwrap();
+                    m.epochs.insert(p, e);
+                    m.assigned.insert(p);
                 }
             }
             Op::Advance(ms) => {
@@ -255,7 +390,7 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 } else {
                     drop(s);
                 }
-                store = Some(Store::open(dir, options(&clock)).unwrap());
+                store = Some(Store::open(dir, opts()).unwrap());
                 m.assigned.clear();
             }
         }
@@ -266,6 +401,7 @@ fn run(dir: &Path, ops: Vec<Op>) {
                 s.committed_offset(&part(p)).unwrap(),
                 m.offsets.get(&p).copied()
             );
+            assert_eq!(s.epoch(&part(p)).unwrap(), m.epoch(p));
         }
     }
     // Finally, after a compaction, every key of every partition agrees.
@@ -287,8 +423,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn store_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+    fn store_matches_model(
+        ops in proptest::collection::vec(op(), 1..60),
+        refresh_on_duplicate in any::<bool>(),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        run(dir.path(), ops);
+        run(dir.path(), ops, refresh_on_duplicate);
     }
 }
