@@ -173,6 +173,10 @@ fn not_assigned<T: std::fmt::Debug>(r: exactly::Result<T>) {
     assert!(matches!(r, Err(Error::NotAssigned(_))), "{r:?}");
 }
 
+#[expect(
+    clippy::map_entry,
+    reason = "the model reads like the store: look in the batch, then in the store"
+)]
 fn run(dir: &Path, ops: Vec<Op>, refresh_on_duplicate: bool) {
     let clock = ManualClock::new(common::T0);
     let opts = || options(&clock, refresh_on_duplicate);
