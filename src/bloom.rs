@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 const WINDOWS_PER_TTL: u64 = 4;
 
 /// A Bloom filter whose keys expire.
-pub(crate) struct ExpiringFilter {
+pub struct ExpiringFilter {
     window_ms: u64,
     keys_per_filter: usize,
     fp_per_filter: f64,
@@ -41,7 +41,7 @@ struct Generation {
 impl ExpiringFilter {
     /// A filter for about `expected_live_keys` live keys at once, each living
     /// `ttl_ms`, with a total false-positive rate of about `fp_rate`.
-    pub(crate) fn new(expected_live_keys: usize, fp_rate: f64, ttl_ms: u64) -> Self {
+    pub fn new(expected_live_keys: usize, fp_rate: f64, ttl_ms: u64) -> Self {
         let per_window = expected_live_keys.div_ceil(WINDOWS_PER_TTL as usize);
         Self {
             window_ms: (ttl_ms / WINDOWS_PER_TTL).max(1),
@@ -52,7 +52,7 @@ impl ExpiringFilter {
     }
 
     /// Records `key`, whose mark expires at `expires_at` (ms).
-    pub(crate) fn insert(&mut self, key: &[u8], expires_at: u64) -> Result<()> {
+    pub fn insert(&mut self, key: &[u8], expires_at: u64) -> Result<()> {
         let index = expires_at / self.window_ms;
         let (keys, fp) = (self.keys_per_filter, self.fp_per_filter);
         let generation = match self.generations.entry(index) {
@@ -76,14 +76,14 @@ impl ExpiringFilter {
 
     /// `false` only if `key` has no live mark at `now` (ms): a definite "new".
     /// `true` means "maybe": confirm on disk.
-    pub(crate) fn may_contain(&self, key: &[u8], now: u64) -> bool {
+    pub fn may_contain(&self, key: &[u8], now: u64) -> bool {
         self.generations
             .range(now / self.window_ms..)
             .any(|(_, g)| g.filters.iter().any(|f| f.check(key)))
     }
 
     /// Drops the generations whose keys have all expired at `now` (ms).
-    pub(crate) fn expire(&mut self, now: u64) {
+    pub fn expire(&mut self, now: u64) {
         let first_live = now / self.window_ms;
         if self
             .generations
@@ -95,7 +95,7 @@ impl ExpiringFilter {
     }
 
     /// Bytes of filter bits held.
-    pub(crate) fn memory_bytes(&self) -> usize {
+    pub fn memory_bytes(&self) -> usize {
         self.generations
             .values()
             .flat_map(|g| &g.filters)

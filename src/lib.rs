@@ -70,3 +70,10 @@ pub use partition::Partition;
 pub use shard::Verdict;
 pub use stats::{PartitionStats, Stats};
 pub use store::Store;
+
+/// Internals exposed for the crate's own benchmarks and fuzz targets. Not part
+/// of the stable API: anything here may change in any release.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::bloom::ExpiringFilter;
+}
