@@ -17,6 +17,14 @@ use crate::shard::{
 use crate::store::Store;
 use crate::ttl::{expiry, Entry};
 
+/// The time of one operation: the store's clock, and the partition's time
+/// for marks (the same, or the event-time watermark).
+#[derive(Debug, Clone, Copy)]
+struct Now {
+    clock: u64,
+    partition: u64,
+}
+
 /// A staged change to one key.
 #[derive(Debug, Clone, Copy)]
 struct Staged {
@@ -116,16 +124,19 @@ impl<'s> Batch<'s> {
     pub fn unmark(&mut self, key: &[u8]) -> Result<bool> {
         self.store.validate_key(key)?;
         let k = mark_key(self.store.key_mode(), key);
-        let (current, had_claim) = self.current(&k)?;
+        let (current, had_claim) = self.current(&k, self.times())?;
         self.stage(k, None, had_claim);
         Ok(current.is_some())
     }
 
     /// Turns an acquired claim into a processed mark (its TTL starts now).
     ///
+    /// A claim whose lease ran out can still be confirmed while nobody else
+    /// claimed the key, for up to one TTL after the lease.
+    ///
     /// Errors: [`Error::Fenced`] if the partition has a newer epoch than the
     /// claim's; [`Error::ClaimLost`] if the claim was released, or its lease
-    /// ran out and another processor claimed the key.
+    /// ran out and another processor claimed the key (or a TTL passed).
     pub fn confirm(&mut self, token: &ClaimToken) -> Result<()> {
         self.own_claim(token)?;
         let expires_at = expiry(self.partition_now(), self.store.ttl_millis());
@@ -222,7 +233,7 @@ impl<'s> Batch<'s> {
             filter.expire(self.partition_now());
             for (k, staged) in &self.staged {
                 if let Some(Entry::Done { expires_at }) = staged.entry {
-                    filter.insert(k, expires_at)?;
+                    filter.insert(k, expires_at);
                 }
             }
         }
@@ -271,7 +282,8 @@ impl<'s> Batch<'s> {
         self.store.validate_key(key)?;
         let k = mark_key(self.store.key_mode(), key);
         Counters::bump(&self.shard.counters.checks);
-        match self.current(&k)?.0 {
+        let now = self.times();
+        match self.current(&k, now)?.0 {
             Some(Entry::Done { .. }) => {
                 Counters::bump(&self.shard.counters.duplicates);
                 Ok(Claim::Done)
@@ -290,7 +302,7 @@ impl<'s> Batch<'s> {
                     stored_key: k.clone(),
                     epoch,
                     token: next_token(),
-                    lease_until: expiry(self.store.now(), lease_ms),
+                    lease_until: expiry(now.clock, lease_ms),
                 };
                 let entry = Entry::Claimed {
                     lease_until: token.lease_until,
@@ -317,15 +329,16 @@ impl<'s> Batch<'s> {
         self.store.validate_key(key)?;
         let k = mark_key(self.store.key_mode(), key);
         Counters::bump(&self.shard.counters.checks);
+        let now = self.times();
         let base = match (self.store.time_domain(), event_time) {
             (TimeDomain::EventTime, Some(t)) => {
                 self.max_event_time = Some(self.max_event_time.map_or(t, |m| m.max(t)));
                 t
             }
-            _ => self.partition_now(),
+            _ => now.partition,
         };
         let expires_at = expiry(base, ttl_ms.unwrap_or(self.store.ttl_millis()));
-        match self.current(&k)?.0 {
+        match self.current(&k, now)?.0 {
             Some(current) => {
                 Counters::bump(&self.shard.counters.duplicates);
                 if let Entry::Done { expires_at: old } = current {
@@ -345,15 +358,14 @@ impl<'s> Batch<'s> {
 
     /// The live entry of stored key `k` as this batch sees it (staged changes
     /// first, then the store), and whether it is a claim.
-    fn current(&self, k: &[u8]) -> Result<(Option<Entry>, bool)> {
-        let (clock_now, partition_now) = (self.store.now(), self.partition_now());
+    fn current(&self, k: &[u8], now: Now) -> Result<(Option<Entry>, bool)> {
         if let Some(staged) = self.staged.get(k) {
-            let live = staged.entry.filter(|e| e.is_live(partition_now, clock_now));
+            let live = staged.entry.filter(|e| e.is_live(now.partition, now.clock));
             return Ok((live, matches!(live, Some(Entry::Claimed { .. }))));
         }
         let entry = self
             .store
-            .lookup(&self.shard, &self.cf, k, partition_now, clock_now)?;
+            .lookup(&self.shard, &self.cf, k, now.partition, now.clock)?;
         Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))))
     }
 
@@ -378,9 +390,15 @@ impl<'s> Batch<'s> {
             Some(staged) => staged.entry,
             None => self.store.read_entry(&self.cf, &token.stored_key)?,
         };
+        let ttl_ms = self.store.ttl_millis();
         match entry {
-            // Still ours, even if the lease ran out: nobody took it over.
-            Some(Entry::Claimed { token: t, .. }) if t == token.token => Ok(()),
+            // Still ours, even if the lease ran out, while nobody took it over
+            // and for one TTL after the lease (then compaction may drop it).
+            Some(e @ Entry::Claimed { token: t, .. })
+                if t == token.token && e.is_retained(0, self.store.now(), ttl_ms) =>
+            {
+                Ok(())
+            }
             _ => Err(lost()),
         }
     }
@@ -396,13 +414,20 @@ impl<'s> Batch<'s> {
 
     /// "Now" for marks: the clock, or the partition's watermark under event time.
     fn partition_now(&self) -> u64 {
-        match self.store.time_domain() {
-            TimeDomain::ProcessingTime => self.store.now(),
+        self.times().partition
+    }
+
+    /// One reading of the clock, and the partition's time derived from it.
+    fn times(&self) -> Now {
+        let clock = self.store.now();
+        let partition = match self.store.time_domain() {
+            TimeDomain::ProcessingTime => clock,
             TimeDomain::EventTime => self
                 .shard
                 .event_time()
                 .saturating_sub(self.store.lateness_millis()),
-        }
+        };
+        Now { clock, partition }
     }
 }
 

@@ -18,15 +18,17 @@ use std::collections::hash_map::RandomState;
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 
-use bloomfilter::Bloom;
-
-use crate::error::{Error, Result};
+use fastbloom::BloomFilter;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// How many generation windows one TTL spans.
 const WINDOWS_PER_TTL: u64 = 4;
 
 /// A Bloom filter whose keys expire.
 pub struct ExpiringFilter {
+    /// Seed of the one hash computed per key; every generation derives its
+    /// probes from it.
+    seed: u64,
     window_ms: u64,
     keys_per_filter: usize,
     fp_per_filter: f64,
@@ -34,7 +36,7 @@ pub struct ExpiringFilter {
 }
 
 struct Generation {
-    filters: Vec<Bloom<[u8]>>,
+    filters: Vec<BloomFilter>,
     in_last: usize,
 }
 
@@ -44,6 +46,7 @@ impl ExpiringFilter {
     pub fn new(expected_live_keys: usize, fp_rate: f64, ttl_ms: u64) -> Self {
         let per_window = expected_live_keys.div_ceil(WINDOWS_PER_TTL as usize);
         Self {
+            seed: RandomState::new().build_hasher().finish(),
             window_ms: (ttl_ms / WINDOWS_PER_TTL).max(1),
             keys_per_filter: per_window.max(1),
             fp_per_filter: fp_rate / (WINDOWS_PER_TTL + 1) as f64,
@@ -52,34 +55,35 @@ impl ExpiringFilter {
     }
 
     /// Records `key`, whose mark expires at `expires_at` (ms).
-    pub fn insert(&mut self, key: &[u8], expires_at: u64) -> Result<()> {
+    pub fn insert(&mut self, key: &[u8], expires_at: u64) {
+        let hash = xxh3_64_with_seed(key, self.seed);
         let index = expires_at / self.window_ms;
         let (keys, fp) = (self.keys_per_filter, self.fp_per_filter);
         let generation = match self.generations.entry(index) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Generation {
-                filters: vec![new_bloom(keys, fp)?],
+                filters: vec![new_bloom(keys, fp)],
                 in_last: 0,
             }),
         };
         if generation.in_last >= self.keys_per_filter {
-            let bloom = new_bloom(keys, fp)?;
+            let bloom = new_bloom(keys, fp);
             generation.filters.push(bloom);
             generation.in_last = 0;
         }
         if let Some(last) = generation.filters.last_mut() {
-            last.set(key);
+            last.insert_hash(hash);
             generation.in_last += 1;
         }
-        Ok(())
     }
 
     /// `false` only if `key` has no live mark at `now` (ms): a definite "new".
     /// `true` means "maybe": confirm on disk.
     pub fn may_contain(&self, key: &[u8], now: u64) -> bool {
+        let hash = xxh3_64_with_seed(key, self.seed);
         self.generations
             .range(now / self.window_ms..)
-            .any(|(_, g)| g.filters.iter().any(|f| f.check(key)))
+            .any(|(_, g)| g.filters.iter().any(|f| f.contains_hash(hash)))
     }
 
     /// Drops the generations whose keys have all expired at `now` (ms).
@@ -99,26 +103,13 @@ impl ExpiringFilter {
         self.generations
             .values()
             .flat_map(|g| &g.filters)
-            .map(|f| usize::try_from(f.len() / 8).unwrap_or(usize::MAX))
+            .map(|f| f.num_bits() / 8)
             .sum()
     }
 }
 
-fn new_bloom(keys: usize, fp: f64) -> Result<Bloom<[u8]>> {
-    Bloom::new_for_fp_rate_with_seed(keys, fp, &random_seed())
-        .map_err(|e| Error::InvalidOptions(format!("cannot size the Bloom filter: {e}")))
-}
-
-/// 32 bytes of per-process randomness for the filter's hash keys, so that
-/// crafted keys cannot target the filter.
-fn random_seed() -> [u8; 32] {
-    let mut seed = [0u8; 32];
-    for chunk in seed.chunks_mut(8) {
-        let mut h = RandomState::new().build_hasher();
-        h.write_usize(chunk.as_ptr() as usize);
-        chunk.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    seed
+fn new_bloom(keys: usize, fp: f64) -> BloomFilter {
+    BloomFilter::with_false_pos(fp).expected_items(keys)
 }
 
 #[cfg(test)]
@@ -134,7 +125,7 @@ mod tests {
         let ttl = 1_000;
         let mut f = ExpiringFilter::new(1_000, 0.01, ttl);
         for i in 0..2_000u64 {
-            f.insert(&key(i), i + ttl).unwrap();
+            f.insert(&key(i), i + ttl);
         }
         let now = 1_500;
         f.expire(now);
@@ -149,7 +140,7 @@ mod tests {
     fn expired_generations_are_dropped_and_answer_no() {
         let ttl = 1_000;
         let mut f = ExpiringFilter::new(100, 0.01, ttl);
-        f.insert(b"a", ttl).unwrap();
+        f.insert(b"a", ttl);
         assert!(f.may_contain(b"a", 0));
         assert!(f.memory_bytes() > 0);
         // Expired by time even before the generation is dropped.
@@ -170,7 +161,7 @@ mod tests {
         let mut memory_after_first_ttl = 0;
         while now < 10 * ttl {
             f.expire(now);
-            f.insert(&key(next), now + ttl).unwrap();
+            f.insert(&key(next), now + ttl);
             next += 1;
             now += step;
             if now == 2 * ttl {
@@ -195,11 +186,11 @@ mod tests {
     fn overflowing_a_generation_adds_a_filter() {
         let mut f = ExpiringFilter::new(40, 0.01, 1_000);
         let before = {
-            f.insert(&key(0), 500).unwrap();
+            f.insert(&key(0), 500);
             f.memory_bytes()
         };
         for i in 1..100 {
-            f.insert(&key(i), 500).unwrap();
+            f.insert(&key(i), 500);
         }
         assert!(f.memory_bytes() > before);
         assert!((0..100).all(|i| f.may_contain(&key(i), 0)));

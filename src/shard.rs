@@ -2,7 +2,7 @@
 //! its write lock and its counters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
@@ -134,6 +134,8 @@ pub(crate) struct Shard {
     pub(crate) filter: RwLock<ExpiringFilter>,
     /// Claims on disk, known exactly (there are few at a time).
     claims: Mutex<HashMap<Vec<u8>, Entry>>,
+    /// `claims.len()`, readable without the lock: most lookups find none.
+    claim_count: AtomicUsize,
     pub(crate) counters: Counters,
     pub(crate) cf_shared: Arc<CfShared>,
 }
@@ -154,6 +156,7 @@ impl Shard {
             epoch: AtomicU64::new(init.epoch),
             event_time: AtomicU64::new(init.event_time),
             filter: RwLock::new(init.filter),
+            claim_count: AtomicUsize::new(init.claims.len()),
             claims: Mutex::new(init.claims),
             counters: Counters::default(),
             cf_shared,
@@ -185,6 +188,9 @@ impl Shard {
 
     /// The live claim on `k`, if any.
     pub(crate) fn live_claim(&self, k: &[u8], clock_now: u64) -> Option<Entry> {
+        if self.claim_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         self.claims
             .lock()
             .get(k)
@@ -203,11 +209,14 @@ impl Shard {
                 claims.remove(k);
             }
         }
+        self.claim_count.store(claims.len(), Ordering::Release);
     }
 
     /// Forgets claims whose lease ran out.
     pub(crate) fn expire_claims(&self, clock_now: u64) {
-        self.claims.lock().retain(|_, e| e.is_live(0, clock_now));
+        let mut claims = self.claims.lock();
+        claims.retain(|_, e| e.is_live(0, clock_now));
+        self.claim_count.store(claims.len(), Ordering::Release);
     }
 
     /// Takes the partition's write lock, waiting for another thread's batch.

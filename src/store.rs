@@ -130,8 +130,7 @@ impl Store {
                 )));
             }
             let shared = Arc::new(CfShared::default());
-            let cf_options =
-                partition_cf_options(time.clone(), options.time_domain, shared.clone());
+            let cf_options = partition_cf_options(time.clone(), &options, shared.clone());
             cf_shared.insert(name.clone(), shared);
             descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
         }
@@ -202,8 +201,7 @@ impl Store {
         let name = partition.cf_name();
         if self.db.cf_handle(&name).is_none() {
             let shared = Arc::new(CfShared::default());
-            let cf_options =
-                partition_cf_options(self.time.clone(), self.options.time_domain, shared.clone());
+            let cf_options = partition_cf_options(self.time.clone(), &self.options, shared.clone());
             self.db
                 .create_cf(&name, &cf_options)
                 .map_err(|e| self.storage(e))?;
@@ -622,7 +620,7 @@ impl Store {
             })?;
             match entry {
                 Entry::Done { expires_at } if entry.is_live(partition_now, clock_now) => {
-                    filter.insert(k, expires_at)?;
+                    filter.insert(k, expires_at);
                 }
                 Entry::Claimed { .. } => {
                     claims.insert(k.to_vec(), entry);
@@ -720,7 +718,7 @@ fn db_options() -> rocksdb::Options {
 
 fn partition_cf_options(
     time: Arc<TimeKeeper>,
-    domain: TimeDomain,
+    options: &Options,
     shared: Arc<CfShared>,
 ) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
@@ -729,6 +727,12 @@ fn partition_cf_options(
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
     o.set_block_based_table_factory(&table);
-    install_compaction_filter(&mut o, time, domain, shared);
+    install_compaction_filter(
+        &mut o,
+        time,
+        options.time_domain,
+        options.ttl_millis(),
+        shared,
+    );
     o
 }

@@ -76,6 +76,16 @@ impl Entry {
         }
     }
 
+    /// Whether the entry must stay on disk: marks while live; claims for one
+    /// TTL past their lease, so that a processor whose lease ran out can still
+    /// confirm while nobody took the key over (see `Batch::confirm`).
+    pub(crate) fn is_retained(&self, partition_now: u64, clock_now: u64, ttl_ms: u64) -> bool {
+        match *self {
+            Self::Done { .. } => self.is_live(partition_now, clock_now),
+            Self::Claimed { lease_until, .. } => is_live(expiry(lease_until, ttl_ms), clock_now),
+        }
+    }
+
     /// Whether the entry still counts at partition time `partition_now`
     /// (marks) and processing time `clock_now` (claims' leases).
     pub(crate) fn is_live(&self, partition_now: u64, clock_now: u64) -> bool {
@@ -119,11 +129,13 @@ pub(crate) fn install_compaction_filter(
     opts: &mut rocksdb::Options,
     time: Arc<TimeKeeper>,
     domain: TimeDomain,
+    ttl_ms: u64,
     shared: Arc<CfShared>,
 ) {
     opts.set_compaction_filter_factory(ExpiryFilterFactory {
         time,
         domain,
+        ttl_ms,
         shared,
     });
 }
@@ -131,6 +143,7 @@ pub(crate) fn install_compaction_filter(
 struct ExpiryFilterFactory {
     time: Arc<TimeKeeper>,
     domain: TimeDomain,
+    ttl_ms: u64,
     shared: Arc<CfShared>,
 }
 
@@ -147,6 +160,7 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
         ExpiryFilter {
             partition_now,
             clock_now,
+            ttl_ms: self.ttl_ms,
             shared: self.shared.clone(),
         }
     }
@@ -159,6 +173,7 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
 struct ExpiryFilter {
     partition_now: u64,
     clock_now: u64,
+    ttl_ms: u64,
     shared: Arc<CfShared>,
 }
 
@@ -168,7 +183,7 @@ impl CompactionFilter for ExpiryFilter {
             return Decision::Keep;
         }
         match Entry::decode(value) {
-            Some(entry) if !entry.is_live(self.partition_now, self.clock_now) => {
+            Some(entry) if !entry.is_retained(self.partition_now, self.clock_now, self.ttl_ms) => {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 Decision::Remove
             }

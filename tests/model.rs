@@ -353,8 +353,10 @@ fn run(dir: &Path, ops: Vec<Op>, refresh_on_duplicate: bool) {
                     not_assigned(r);
                 } else if token.epoch() != m.epoch(p) {
                     assert!(matches!(r, Err(Error::Fenced { .. })), "{r:?}");
-                } else if matches!(m.marks.get(&(p, k)), Some(Entry::Claimed(_, _, c)) if *c == id)
-                {
+                } else if matches!(
+                    m.marks.get(&(p, k)),
+                    Some(Entry::Claimed(lease, _, c)) if *c == id && m.now < lease + TTL_MS
+                ) {
                     r.unwrap();
                     if confirm {
                         m.marks.insert((p, k), Entry::Done(m.now + TTL_MS));
