@@ -69,6 +69,8 @@ fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
             ));
         }
     };
+    let mut tail: std::collections::VecDeque<u64> =
+        std::collections::VecDeque::with_capacity(REPLAY);
     for seq in 0..live as u64 {
         let id = if rng.next() % 100 == 0 && !recent.is_empty() {
             recent[(rng.next() % recent.len() as u64) as usize]
@@ -81,11 +83,14 @@ fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
         } else {
             recent[(seq as usize) % RECENT] = id;
         }
+        if tail.len() == REPLAY {
+            tail.pop_front();
+        }
+        tail.push_back(id);
         push(id, &mut pending, &mut batches);
     }
-    // A rebalance: the new owner replays messages already processed.
-    let start = live.saturating_sub(REPLAY) as u64;
-    for id in start..start + (messages - live) as u64 {
+    // A rebalance: the new owner replays the last messages, already processed.
+    for &id in tail.iter().take(messages - live) {
         push(id, &mut pending, &mut batches);
     }
     for (p, keys) in pending.into_iter().enumerate() {

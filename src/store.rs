@@ -723,6 +723,10 @@ fn partition_cf_options(
 ) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
     o.set_compression_type(DBCompressionType::Lz4);
+    // Small memtables: a mark is a random key, and the skiplist insert is most
+    // of a batch's cost; its depth grows with the memtable. Measured with the
+    // comparison harness (2 M messages): 64 MiB ~2 000 ns/msg, 4 MiB ~1 400.
+    o.set_write_buffer_size(4 << 20);
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
