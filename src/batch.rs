@@ -14,6 +14,7 @@ use crate::shard::{
     encode_offset, mark_key, Counters, Shard, Verdict, WriterGuard, EPOCH_KEY, EVENT_TIME_KEY,
     OFFSET_KEY,
 };
+use crate::snapshot::SNAPSHOT_KEY;
 use crate::store::Store;
 use crate::ttl::{expiry, Entry};
 
@@ -233,6 +234,11 @@ impl<'s> Batch<'s> {
         if write.is_empty() {
             return Ok(());
         }
+        let drops_snapshot = shard.snapshot_key_live();
+        if drops_snapshot {
+            // From now on the saved filter is out of date.
+            write.delete_cf(&self.cf, SNAPSHOT_KEY);
+        }
         // Into the filter and the claim table before the write: a reader in
         // between sees a false positive (confirmed away on disk), never a
         // false negative. Claims that end are forgotten only after the write.
@@ -269,6 +275,9 @@ impl<'s> Batch<'s> {
         }
         if claims_changed {
             shard.expire_claims(self.store.now());
+        }
+        if drops_snapshot {
+            shard.set_snapshot_key_live(false);
         }
         if let Some(offset) = self.offset {
             shard.set_committed_offset(offset);

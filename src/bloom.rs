@@ -98,6 +98,82 @@ impl ExpiringFilter {
         }
     }
 
+    /// Appends the filter's serialized form to `out` (little-endian words).
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+        let mut word = |w: u64| out.extend_from_slice(&w.to_le_bytes());
+        word(self.seed);
+        word(self.window_ms);
+        word(self.keys_per_filter as u64);
+        word(self.fp_per_filter.to_bits());
+        word(self.generations.len() as u64);
+        for (&index, g) in &self.generations {
+            word(index);
+            word(g.in_last as u64);
+            word(g.filters.len() as u64);
+            for f in &g.filters {
+                word(u64::from(f.num_hashes()));
+                word(f.as_slice().len() as u64);
+                for &w in f.as_slice() {
+                    word(w);
+                }
+            }
+        }
+    }
+
+    /// Reads a filter written by [`encode`](Self::encode) for the same sizing
+    /// parameters; `None` if the bytes are malformed or the parameters differ
+    /// (the options changed: the filter must be rebuilt).
+    pub(crate) fn decode(
+        bytes: &[u8],
+        expected_live_keys: usize,
+        fp_rate: f64,
+        ttl_ms: u64,
+    ) -> Option<(Self, usize)> {
+        let fresh = Self::new(expected_live_keys, fp_rate, ttl_ms);
+        let mut words = bytes.chunks_exact(8).map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_le_bytes(b)
+        });
+        let mut next = || words.next();
+        let seed = next()?;
+        if next()? != fresh.window_ms
+            || next()? != fresh.keys_per_filter as u64
+            || next()? != fresh.fp_per_filter.to_bits()
+        {
+            return None;
+        }
+        let mut generations = BTreeMap::new();
+        let mut used = 5;
+        for _ in 0..next()? {
+            let index = next()?;
+            let in_last = usize::try_from(next()?).ok()?;
+            let count = next()?;
+            used += 3;
+            let mut filters = Vec::new();
+            for _ in 0..count {
+                let hashes = u32::try_from(next()?).ok()?;
+                let len = usize::try_from(next()?).ok()?;
+                used += 2 + len;
+                if len == 0 || hashes == 0 || used * 8 > bytes.len() {
+                    return None;
+                }
+                let bits: Vec<u64> = (0..len).map(|_| next()).collect::<Option<_>>()?;
+                filters.push(BloomFilter::from_vec(bits).hashes(hashes));
+            }
+            if filters.is_empty() {
+                return None;
+            }
+            generations.insert(index, Generation { filters, in_last });
+        }
+        let filter = Self {
+            seed,
+            generations,
+            ..fresh
+        };
+        Some((filter, used * 8))
+    }
+
     /// Bytes of filter bits held.
     pub fn memory_bytes(&self) -> usize {
         self.generations
@@ -180,6 +256,24 @@ mod tests {
             "memory grew from {memory_after_first_ttl} to {}",
             f.memory_bytes()
         );
+    }
+
+    #[test]
+    fn encode_decode_round_trips_and_refuses_other_parameters() {
+        let mut f = ExpiringFilter::new(1_000, 0.01, 10_000);
+        for i in 0..3_000u64 {
+            f.insert(&key(i), 10_000 + i * 7);
+        }
+        let mut bytes = Vec::new();
+        f.encode(&mut bytes);
+        bytes.extend_from_slice(b"trailer");
+        let (g, used) = ExpiringFilter::decode(&bytes, 1_000, 0.01, 10_000).unwrap();
+        assert_eq!(used, bytes.len() - 7);
+        assert_eq!(g.memory_bytes(), f.memory_bytes());
+        assert!((0..3_000u64).all(|i| g.may_contain(&key(i), 0)));
+        assert!(ExpiringFilter::decode(&bytes, 2_000, 0.01, 10_000).is_none());
+        assert!(ExpiringFilter::decode(&bytes, 1_000, 0.01, 20_000).is_none());
+        assert!(ExpiringFilter::decode(&bytes[..bytes.len() / 2], 1_000, 0.01, 10_000).is_none());
     }
 
     #[test]

@@ -57,6 +57,7 @@ mod error;
 mod manifest;
 mod partition;
 mod shard;
+mod snapshot;
 mod stats;
 mod store;
 mod ttl;

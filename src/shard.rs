@@ -2,7 +2,7 @@
 //! its write lock and its counters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
@@ -112,6 +112,11 @@ const NO_OFFSET: i64 = -1;
 
 /// What a shard starts with, read from disk by `assign`.
 pub(crate) struct ShardInit {
+    /// Whether the column family holds a snapshot id that the first commit
+    /// must delete.
+    pub(crate) snapshot_key: bool,
+    /// Whether the filter was loaded from a snapshot rather than rebuilt.
+    pub(crate) from_snapshot: bool,
     pub(crate) offset: Option<i64>,
     pub(crate) epoch: u64,
     pub(crate) event_time: u64,
@@ -138,6 +143,8 @@ pub(crate) struct Shard {
     claim_count: AtomicUsize,
     pub(crate) counters: Counters,
     pub(crate) cf_shared: Arc<CfShared>,
+    snapshot_key: AtomicBool,
+    pub(crate) from_snapshot: bool,
 }
 
 impl Shard {
@@ -160,7 +167,25 @@ impl Shard {
             claims: Mutex::new(init.claims),
             counters: Counters::default(),
             cf_shared,
+            snapshot_key: AtomicBool::new(init.snapshot_key),
+            from_snapshot: init.from_snapshot,
         }
+    }
+
+    /// Whether the next commit must delete the snapshot id (see `snapshot`).
+    pub(crate) fn snapshot_key_live(&self) -> bool {
+        self.snapshot_key.load(Ordering::Acquire)
+    }
+
+    /// Records that the snapshot id is gone (`false`) or was written (`true`);
+    /// call with the write lock held.
+    pub(crate) fn set_snapshot_key_live(&self, live: bool) {
+        self.snapshot_key.store(live, Ordering::Release);
+    }
+
+    /// A copy of the claim table, for a snapshot.
+    pub(crate) fn claims(&self) -> HashMap<Vec<u8>, Entry> {
+        self.claims.lock().clone()
     }
 
     /// The partition's epoch (0 if it was never assigned with one).

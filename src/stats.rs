@@ -34,4 +34,7 @@ pub struct PartitionStats {
     pub filter_bytes: usize,
     /// The committed consumer offset.
     pub committed_offset: Option<i64>,
+    /// Whether `assign` loaded the filter from the snapshot saved at the last
+    /// clean close or revoke, instead of scanning the partition's marks.
+    pub filter_from_snapshot: bool,
 }

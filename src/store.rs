@@ -16,7 +16,7 @@ use rocksdb::{
 
 use crate::batch::Batch;
 use crate::bloom::ExpiringFilter;
-use crate::claim::{Claim, ClaimToken};
+use crate::claim::{next_token, Claim, ClaimToken};
 use crate::clock::TimeKeeper;
 use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
 use crate::error::{Error, Result};
@@ -25,6 +25,7 @@ use crate::shard::{
     decode_offset, decode_u64, mark_key, Counters, Shard, ShardInit, Verdict, EPOCH_KEY,
     EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY,
 };
+use crate::snapshot::{self, SNAPSHOT_KEY};
 use crate::stats::{PartitionStats, Stats};
 use crate::ttl::{install_compaction_filter, CfShared, Entry};
 use crate::Partition;
@@ -238,8 +239,26 @@ impl Store {
             TimeDomain::ProcessingTime => self.now(),
             TimeDomain::EventTime => watermark,
         };
-        let (filter, claims) = self.rebuild(&cf, partition_now)?;
+        let snapshot_id = read_u64(SNAPSHOT_KEY, "filter snapshot id")?;
+        let loaded = snapshot_id.and_then(|id| {
+            snapshot::read(
+                &self.path,
+                &name,
+                id,
+                self.options.expected_keys_per_partition,
+                self.options.bloom_fp_rate,
+                self.ttl_millis,
+            )
+        });
+        let from_snapshot = loaded.is_some();
+        let (mut filter, claims) = match loaded {
+            Some(l) => l,
+            None => self.rebuild(&cf, partition_now)?,
+        };
+        filter.expire(partition_now);
         let init = ShardInit {
+            snapshot_key: snapshot_id.is_some(),
+            from_snapshot,
             offset,
             epoch: stored_epoch,
             event_time,
@@ -279,6 +298,7 @@ impl Store {
         let shard = self.shard(partition)?;
         let mut writer = shard.lock_writer()?;
         writer.revoked = true;
+        self.save_snapshot(&shard);
         let _membership = self.membership.lock();
         let mut shards = self.shards.write();
         if shards
@@ -304,6 +324,7 @@ impl Store {
         }
         self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
         self.cf_shared.lock().remove(&name);
+        snapshot::remove(&self.path, &name)?;
         Ok(true)
     }
 
@@ -476,6 +497,7 @@ impl Store {
                     expired_dropped: load(&shard.cf_shared.dropped),
                     filter_bytes: shard.filter.read().memory_bytes(),
                     committed_offset: shard.committed_offset(),
+                    filter_from_snapshot: shard.from_snapshot,
                 },
             );
         }
@@ -491,7 +513,30 @@ impl Store {
     /// acknowledged survives a power cut, and releases the directory lock.
     /// Dropping a store without `close` is safe too; it only skips the fsync.
     pub fn close(self) -> Result<()> {
+        for partition in self.assigned() {
+            self.revoke(&partition)?;
+        }
         self.sync()
+    }
+
+    /// Saves the shard's filter and claims, then records the snapshot's id in
+    /// the partition; call with the write lock held, after the last write.
+    /// Best effort: if it fails, the next `assign` rebuilds from disk.
+    fn save_snapshot(&self, shard: &Shard) {
+        let id = next_token();
+        let saved = {
+            let filter = shard.filter.read();
+            snapshot::write(&self.path, &shard.cf_name, id, &filter, &shard.claims())
+        };
+        if saved.is_ok() {
+            if let Ok(cf) = self.cf(shard) {
+                let mut write = WriteBatch::default();
+                write.put_cf(&cf, SNAPSHOT_KEY, id.to_be_bytes());
+                if self.write(write).is_ok() {
+                    shard.set_snapshot_key_live(true);
+                }
+            }
+        }
     }
 
     // ---- crate-internal helpers used by `Batch` ----

@@ -47,8 +47,9 @@ fn copy_store(from: &Path, to: &Path) {
         let entry = entry.unwrap();
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        // Info logs and the lock file are not part of the format.
-        if name.starts_with("LOG") || name == "LOCK" {
+        // Info logs and the lock file are not part of the format; filter
+        // snapshots are an optimisation (without one, assign rebuilds).
+        if name.starts_with("LOG") || name == "LOCK" || entry.path().is_dir() {
             continue;
         }
         fs::copy(entry.path(), to.join(&*name)).unwrap();

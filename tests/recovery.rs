@@ -85,3 +85,79 @@ fn hashed_keys_reopen_with_the_same_answers() {
     assert_eq!(store.check(&p, b"short").unwrap(), Verdict::Duplicate);
     assert_eq!(store.check(&p, b"shorT").unwrap(), Verdict::New);
 }
+
+#[test]
+fn a_clean_close_saves_the_filter_and_reopen_loads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    fill(&store);
+    store.close().unwrap();
+
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    verify(&store);
+    let stats = store.stats();
+    assert!(stats.partitions.values().all(|s| s.filter_from_snapshot));
+}
+
+#[test]
+fn a_snapshot_is_not_trusted_after_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    fill(&store);
+    store.close().unwrap();
+
+    // Reopen from the snapshot, write more, then stop without closing.
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    assert!(store.stats().partitions[&p].filter_from_snapshot);
+    store.mark(&p, b"after-the-snapshot").unwrap();
+    drop(store);
+
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    store.assign(&p).unwrap();
+    assert!(!store.stats().partitions[&p].filter_from_snapshot);
+    assert_eq!(
+        store.check(&p, b"after-the-snapshot").unwrap(),
+        Verdict::Duplicate
+    );
+    verify(&store);
+}
+
+#[test]
+fn a_damaged_or_mismatched_snapshot_is_rebuilt_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    fill(&store);
+    store.close().unwrap();
+
+    // Damage every snapshot file.
+    for entry in std::fs::read_dir(dir.path().join("filters")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let store = Store::open(dir.path(), options(&clock)).unwrap();
+    verify(&store);
+    assert!(store
+        .stats()
+        .partitions
+        .values()
+        .all(|s| !s.filter_from_snapshot));
+    store.close().unwrap();
+
+    // Other filter sizing: the snapshot does not fit and is rebuilt.
+    let store = Store::open(
+        dir.path(),
+        options(&clock).expected_keys_per_partition(123_456),
+    )
+    .unwrap();
+    verify(&store);
+    assert!(store
+        .stats()
+        .partitions
+        .values()
+        .all(|s| !s.filter_from_snapshot));
+}

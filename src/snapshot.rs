@@ -1,0 +1,187 @@
+//! Filter snapshots: a partition's Bloom front and claim table, saved when the
+//! shard is closed cleanly, so a later `assign` need not scan every mark.
+//!
+//! A snapshot is only trusted when nothing was written to the partition since
+//! it was taken: the snapshot carries a random id, and the same id is stored
+//! in the partition's column family (`0x00 "filter_snapshot"`) after the file
+//! is durable. The first batch committed after `assign` deletes that key in the
+//! same atomic write as its marks, so after any later write (and any crash)
+//! the ids no longer match and the filter is rebuilt from disk. A file whose
+//! checksum does not match is never trusted either.
+//!
+//! File layout (`filters/<partition>.snap`, integers little-endian):
+//! `"EXSNAP01" ++ id: u64 ++ filter ++ claims: u64 ++ (key_len: u32 ++ key ++
+//! value_len: u32 ++ value)* ++ xxh3_64 of everything before: u64`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::bloom::ExpiringFilter;
+use crate::error::{Error, Result};
+use crate::manifest::sync_dir;
+use crate::ttl::Entry;
+
+const MAGIC: &[u8; 8] = b"EXSNAP01";
+/// Directory of snapshot files inside the store.
+pub(crate) const SNAPSHOT_DIR: &str = "filters";
+/// The key holding the id of the partition's valid snapshot (value: u64 BE).
+pub(crate) const SNAPSHOT_KEY: &[u8] = b"\x00filter_snapshot";
+
+/// The snapshot file of the column family `cf_name`.
+pub(crate) fn path(store_dir: &Path, cf_name: &str) -> PathBuf {
+    store_dir
+        .join(SNAPSHOT_DIR)
+        .join(format!("{}.snap", cf_name.replace('/', "~")))
+}
+
+/// Writes a snapshot durably (temporary file, fsync, rename, fsync).
+pub(crate) fn write(
+    store_dir: &Path,
+    cf_name: &str,
+    id: u64,
+    filter: &ExpiringFilter,
+    claims: &HashMap<Vec<u8>, Entry>,
+) -> Result<()> {
+    let mut bytes = Vec::with_capacity(filter.memory_bytes() + 1024);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&id.to_le_bytes());
+    filter.encode(&mut bytes);
+    bytes.extend_from_slice(&(claims.len() as u64).to_le_bytes());
+    for (k, e) in claims {
+        let v = e.encode();
+        bytes.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(k);
+        bytes.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&v);
+    }
+    let sum = xxh3_64(&bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+
+    let dir = store_dir.join(SNAPSHOT_DIR);
+    fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let target = path(store_dir, cf_name);
+    let tmp = target.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+    sync_dir(&dir)
+}
+
+/// Reads the snapshot with id `id`; `None` if it is missing, damaged, of
+/// another id, or sized for other options.
+pub(crate) fn read(
+    store_dir: &Path,
+    cf_name: &str,
+    id: u64,
+    expected_live_keys: usize,
+    fp_rate: f64,
+    ttl_ms: u64,
+) -> Option<(ExpiringFilter, HashMap<Vec<u8>, Entry>)> {
+    let bytes = fs::read(path(store_dir, cf_name)).ok()?;
+    let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(8)?)?;
+    if xxh3_64(body).to_le_bytes() != sum {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC)?;
+    let (stored_id, rest) = rest.split_at_checked(8)?;
+    if stored_id != id.to_le_bytes() {
+        return None;
+    }
+    let (filter, used) = ExpiringFilter::decode(rest, expected_live_keys, fp_rate, ttl_ms)?;
+    let mut rest = rest.get(used..)?;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, tail) = rest.split_at_checked(n)?;
+        rest = tail;
+        Some(head)
+    };
+    let count = u64::from_le_bytes(take(8)?.try_into().ok()?);
+    let mut claims = HashMap::new();
+    for _ in 0..count {
+        let klen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let k = take(klen)?.to_vec();
+        let vlen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let entry = Entry::decode(take(vlen)?)?;
+        claims.insert(k, entry);
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    Some((filter, claims))
+}
+
+/// Removes the snapshot file of `cf_name`, if any.
+pub(crate) fn remove(store_dir: &Path, cf_name: &str) -> Result<()> {
+    let p = path(store_dir, cf_name);
+    match fs::remove_file(&p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (ExpiringFilter, HashMap<Vec<u8>, Entry>) {
+        let mut f = ExpiringFilter::new(100, 0.01, 1_000);
+        for i in 0..50u8 {
+            f.insert(&[1, i], 500 + u64::from(i));
+        }
+        let mut claims = HashMap::new();
+        claims.insert(
+            vec![1, 200],
+            Entry::Claimed {
+                lease_until: 9,
+                epoch: 2,
+                token: 77,
+            },
+        );
+        (f, claims)
+    }
+
+    #[test]
+    fn round_trips_and_checks_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, claims) = sample();
+        write(dir.path(), "p/t/0", 42, &f, &claims).unwrap();
+        let (g, c) = read(dir.path(), "p/t/0", 42, 100, 0.01, 1_000).unwrap();
+        assert!((0..50u8).all(|i| g.may_contain(&[1, i], 0)));
+        assert_eq!(c, claims);
+        assert!(read(dir.path(), "p/t/0", 43, 100, 0.01, 1_000).is_none());
+        assert!(read(dir.path(), "p/t/1", 42, 100, 0.01, 1_000).is_none());
+        remove(dir.path(), "p/t/0").unwrap();
+        assert!(read(dir.path(), "p/t/0", 42, 100, 0.01, 1_000).is_none());
+        remove(dir.path(), "p/t/0").unwrap();
+    }
+
+    #[test]
+    fn any_damage_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, claims) = sample();
+        write(dir.path(), "p/t/0", 1, &f, &claims).unwrap();
+        let file = path(dir.path(), "p/t/0");
+        let good = fs::read(&file).unwrap();
+        for i in (0..good.len()).step_by(7) {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            fs::write(&file, &bad).unwrap();
+            assert!(
+                read(dir.path(), "p/t/0", 1, 100, 0.01, 1_000).is_none(),
+                "flip at {i}"
+            );
+        }
+        for len in [0, 8, good.len() / 2, good.len() - 1] {
+            fs::write(&file, &good[..len]).unwrap();
+            assert!(
+                read(dir.path(), "p/t/0", 1, 100, 0.01, 1_000).is_none(),
+                "cut at {len}"
+            );
+        }
+    }
+}
