@@ -381,7 +381,7 @@ impl<'s> Batch<'s> {
         }
         let entry = self
             .store
-            .lookup(&self.shard, &self.cf, k, now.partition, now.clock)?;
+            .lookup(&self.shard, Some(&self.cf), k, now.partition, now.clock)?;
         Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))))
     }
 

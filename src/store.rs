@@ -340,15 +340,15 @@ impl Store {
         self.validate_key(key)?;
         let shard = self.shard(partition)?;
         let k = mark_key(self.key_mode(), key);
-        let cf = self.cf(&shard)?;
         Counters::bump(&shard.counters.checks);
+        let clock_now = self.now();
         let partition_now = match self.options.time_domain {
-            TimeDomain::ProcessingTime => self.now(),
+            TimeDomain::ProcessingTime => clock_now,
             TimeDomain::EventTime => shard
                 .event_time()
                 .saturating_sub(self.options.lateness_millis()),
         };
-        match self.lookup(&shard, &cf, &k, partition_now, self.now())? {
+        match self.lookup(&shard, None, &k, partition_now, clock_now)? {
             Some(_) => {
                 Counters::bump(&shard.counters.duplicates);
                 Ok(Verdict::Duplicate)
@@ -580,11 +580,12 @@ impl Store {
 
     /// "Already processed?" for a stored key: its live entry, if any. Claims
     /// are known exactly in memory; marks go through the Bloom front, and
-    /// RocksDB confirms every positive.
+    /// RocksDB confirms every positive (through `cf`, or the shard's column
+    /// family looked up only then).
     pub(crate) fn lookup(
         &self,
         shard: &Shard,
-        cf: &Arc<BoundColumnFamily<'_>>,
+        cf: Option<&Arc<BoundColumnFamily<'_>>>,
         k: &[u8],
         partition_now: u64,
         clock_now: u64,
@@ -596,7 +597,11 @@ impl Store {
             Counters::bump(&shard.counters.bloom_negatives);
             return Ok(None);
         }
-        match self.read_entry(cf, k)? {
+        let stored = match cf {
+            Some(cf) => self.read_entry(cf, k)?,
+            None => self.read_entry(&self.cf(shard)?, k)?,
+        };
+        match stored {
             Some(e) if e.is_live(partition_now, clock_now) => Ok(Some(e)),
             _ => {
                 Counters::bump(&shard.counters.bloom_false_positives);
