@@ -53,6 +53,8 @@ mod bloom;
 mod clock;
 mod config;
 mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod manifest;
 mod partition;
 mod shard;
