@@ -53,7 +53,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -217,6 +217,7 @@ pub struct DedupContext {
     owned: Mutex<BTreeMap<Partition, Option<u64>>>,
     rebalances: AtomicU64,
     handover_failures: AtomicU64,
+    commit_failures: AtomicU64,
     failure: Mutex<Option<RebalanceFailure>>,
 }
 
@@ -231,6 +232,7 @@ impl DedupContext {
             owned: Mutex::new(BTreeMap::new()),
             rebalances: AtomicU64::new(0),
             handover_failures: AtomicU64::new(0),
+            commit_failures: AtomicU64::new(0),
             failure: Mutex::new(None),
         }
     }
@@ -281,6 +283,13 @@ impl DedupContext {
     /// owner replay messages this consumer processed.
     pub fn handover_failures(&self) -> u64 {
         self.handover_failures.load(Ordering::Relaxed)
+    }
+
+    /// Kafka commits (asynchronous or handover) that failed. A failed commit
+    /// costs nothing as long as the store holds the offset: the resume point
+    /// is the later of the two.
+    pub fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(Ordering::Relaxed)
     }
 
     /// The epoch `partition` was assigned with, if any.
@@ -416,6 +425,12 @@ impl ConsumerContext for DedupContext {
             self.fail(RebalanceFailure::Kafka(e));
         }
         self.rebalances.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if result.is_err() {
+            self.commit_failures.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

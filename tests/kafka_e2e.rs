@@ -1,0 +1,440 @@
+//! End to end over librdkafka's in-process mock cluster: a producer writes
+//! messages with producer retries and repeated idempotency keys; consumers
+//! crash mid-batch, restart, join and leave (rebalances); a sink counts side
+//! effects per idempotency key and must see each key exactly once.
+//!
+//! The same scenario through a plain at-least-once consumer must apply some
+//! key twice, which shows that the scenario can fail.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use exactly::kafka::rdkafka::config::ClientConfig;
+use exactly::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use exactly::kafka::rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use exactly::kafka::rdkafka::mocking::MockCluster;
+use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use exactly::kafka::rdkafka::{Offset, TopicPartitionList};
+use exactly::kafka::{DedupContext, GroupStore, IdempotentConsumer, KeySource};
+use exactly::{Options, Partition, Store};
+
+const TOPIC: &str = "orders";
+const PARTITIONS: i32 = 4;
+const KEYS: usize = 240;
+const HEADER: &str = "idempotency-key";
+/// Give up (and fail) after this long.
+const DEADLINE: Duration = Duration::from_secs(45);
+/// Side-effect counts at which a consumer crashes.
+const CRASHES: &[usize] = &[20, 60, 110, 170];
+
+/// The messages to produce, in order: `(partition, idempotency key)`.
+///
+/// Every key once; every 7th key again right after (a producer retry
+/// without idempotence); every 11th key from 32 on also repeats the key 32
+/// places earlier (an upstream resend). A key always goes to the same
+/// partition.
+fn workload() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let msg = |i: usize| ((i % PARTITIONS as usize) as i32, format!("order-{i}"));
+    for i in 0..KEYS {
+        out.push(msg(i));
+        if i % 7 == 0 {
+            out.push(msg(i));
+        }
+        if i % 11 == 0 && i >= 32 {
+            out.push(msg(i - 32));
+        }
+    }
+    out
+}
+
+/// A mock cluster with the topic created and the workload produced. Returns
+/// the cluster, its bootstrap servers and the end offset of each partition.
+fn cluster_with_workload() -> (
+    MockCluster<'static, exactly::kafka::rdkafka::producer::DefaultProducerContext>,
+    String,
+    HashMap<i32, i64>,
+) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    let servers = cluster.bootstrap_servers();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .set("enable.idempotence", "false")
+        // Small record batches, so that small fetches mix partitions.
+        .set("batch.num.messages", "3")
+        .create()
+        .unwrap();
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for (partition, key) in workload() {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER,
+            value: Some(key.as_bytes()),
+        });
+        let payload = format!("payload of {key}");
+        producer
+            .send(
+                BaseRecord::to(TOPIC)
+                    .partition(partition)
+                    .key(key.as_bytes())
+                    .payload(payload.as_bytes())
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        *ends.entry(partition).or_default() += 1;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    (cluster, servers, ends)
+}
+
+fn consumer_config(servers: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", servers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "3000")
+        .set("heartbeat.interval.ms", "200")
+        .set("max.poll.interval.ms", "10000")
+        // Small fetches, so that poll batches mix partitions.
+        .set("max.partition.fetch.bytes", "600");
+    config
+}
+
+/// The downstream system: counts side effects per idempotency key.
+#[derive(Default)]
+struct Sink {
+    applied: Mutex<HashMap<String, u32>>,
+    total: AtomicUsize,
+}
+
+impl Sink {
+    fn apply(&self, key: &[u8]) {
+        let key = String::from_utf8(key.to_vec()).unwrap();
+        *self.applied.lock().unwrap().entry(key).or_default() += 1;
+        self.total.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn counts(&self) -> HashMap<String, u32> {
+        self.applied.lock().unwrap().clone()
+    }
+}
+
+/// Shared state of one scenario run: the sink, the crash schedule and the
+/// progress towards the end of every partition.
+struct Run {
+    sink: Sink,
+    crashes_left: Mutex<Vec<usize>>,
+    crashes: AtomicUsize,
+    progress: Mutex<HashMap<i32, i64>>,
+    ends: HashMap<i32, i64>,
+    started: Instant,
+    second_joined: AtomicBool,
+    /// Side effects per consumer thread.
+    by_worker: [AtomicUsize; 2],
+    /// Duplicates the store skipped.
+    duplicates: AtomicUsize,
+    /// Messages dropped unprocessed because a rebalance came mid-poll.
+    discarded: AtomicUsize,
+    /// Messages delivered again from behind the store's committed offset.
+    replayed: Arc<AtomicUsize>,
+    commit_failures: AtomicUsize,
+}
+
+impl Run {
+    fn new(ends: HashMap<i32, i64>) -> Self {
+        Self {
+            sink: Sink::default(),
+            crashes_left: Mutex::new(CRASHES.to_vec()),
+            crashes: AtomicUsize::new(0),
+            progress: Mutex::new(HashMap::new()),
+            ends,
+            started: Instant::now(),
+            second_joined: AtomicBool::new(false),
+            by_worker: Default::default(),
+            duplicates: AtomicUsize::new(0),
+            discarded: AtomicUsize::new(0),
+            replayed: Arc::default(),
+            commit_failures: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether the side effect about to happen is a scheduled crash point.
+    fn crash_now(&self) -> bool {
+        let mut left = self.crashes_left.lock().unwrap();
+        match left.first() {
+            Some(&at) if self.sink.total.load(Ordering::SeqCst) >= at => {
+                left.remove(0);
+                self.crashes.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn advance(&self, partition: i32, next_offset: i64) {
+        let mut progress = self.progress.lock().unwrap();
+        let p = progress.entry(partition).or_default();
+        *p = (*p).max(next_offset);
+    }
+
+    fn done(&self) -> bool {
+        assert!(
+            self.started.elapsed() < DEADLINE,
+            "scenario did not finish in {DEADLINE:?}: progress {:?} of {:?}, {} side effects",
+            self.progress.lock().unwrap(),
+            self.ends,
+            self.sink.total.load(Ordering::SeqCst)
+        );
+        let progress = self.progress.lock().unwrap();
+        self.ends
+            .iter()
+            .all(|(p, end)| progress.get(p).is_some_and(|o| o >= end))
+    }
+
+    /// The second consumer joins once some work is done, so that partitions
+    /// move while messages are in flight.
+    fn second_may_join(&self) -> bool {
+        self.second_joined.load(Ordering::SeqCst) || self.sink.total.load(Ordering::SeqCst) >= 40
+    }
+}
+
+/// A handler for one poll batch: applies the side effect, or crashes
+/// (panics) at a scheduled point. A crash comes before the first side effect
+/// of a partition other than the batch's first: the batch's earlier
+/// partitions are committed to the store but not to Kafka, and no side effect
+/// of an uncommitted store batch has happened.
+fn handler(
+    run: &Run,
+    worker: usize,
+) -> impl FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), Infallible> + '_ {
+    let mut first_of_partition = HashSet::new();
+    move |m, key| {
+        if first_of_partition.insert(m.partition())
+            && first_of_partition.len() > 1
+            && run.crash_now()
+        {
+            panic!("simulated crash before a side effect");
+        }
+        run.sink.apply(key.expect("every message has a key"));
+        run.by_worker[worker].fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// One consumer thread of the shared-store deployment: consumes until the
+/// end, and on a crash drops its consumer (no store commit, no Kafka
+/// commit) and starts a new one, which rejoins the group.
+fn store_worker(run: &Run, worker: usize, group: &GroupStore, servers: &str, group_id: &str) {
+    while !run.done() {
+        let consumer: BaseConsumer<DedupContext> = consumer_config(servers, group_id)
+            // The shared store holds every mark and offset: no handover commit.
+            .create_with_context(DedupContext::new(group).handover_commit(false))
+            .unwrap();
+        consumer.subscribe(&[TOPIC]).unwrap();
+        let mut consumer =
+            IdempotentConsumer::new(consumer, replay_detecting_keys(group, &run.replayed))
+                .max_batch(16);
+        while !run.done() {
+            let polled = catch_unwind(AssertUnwindSafe(|| {
+                consumer.poll_batch(Duration::from_millis(100), handler(run, worker))
+            }));
+            let context = consumer.context();
+            run.commit_failures
+                .fetch_max(context.commit_failures() as usize, Ordering::SeqCst);
+            // Progress is what the store committed, including the partitions
+            // a crashed batch committed before the crash.
+            for p in context.owned() {
+                if let Some(offset) = group.store().committed_offset(&p).unwrap() {
+                    run.advance(p.partition(), offset);
+                }
+            }
+            match polled {
+                Err(_crash) => break,
+                Ok(result) => {
+                    let report = result.unwrap();
+                    run.duplicates
+                        .fetch_add(report.duplicates, Ordering::SeqCst);
+                    run.discarded.fetch_add(report.discarded, Ordering::SeqCst);
+                }
+            }
+        }
+    }
+}
+
+/// The `idempotency-key` header, read by a key extractor that also counts
+/// messages delivered from behind the store's committed offset: messages
+/// already processed and committed, replayed because a partition resumed at
+/// the wrong point.
+fn replay_detecting_keys(group: &GroupStore, replayed: &Arc<AtomicUsize>) -> KeySource {
+    let (store, replayed) = (group.store().clone(), replayed.clone());
+    KeySource::custom(move |m| {
+        let p = Partition::new(m.topic(), m.partition());
+        if store
+            .committed_offset(&p)
+            .unwrap()
+            .is_some_and(|c| m.offset() < c)
+        {
+            replayed.fetch_add(1, Ordering::SeqCst);
+        }
+        header_key(m).map(Cow::Borrowed)
+    })
+}
+
+fn header_key<'m>(m: &'m BorrowedMessage<'_>) -> Option<&'m [u8]> {
+    m.headers()
+        .and_then(|h| h.iter().find(|h| h.key == HEADER))
+        .and_then(|h| h.value)
+}
+
+/// A plain at-least-once consumer thread: handles every message, then
+/// commits the batch's offsets to Kafka; the same crashes.
+fn plain_worker(run: &Run, worker: usize, servers: &str, group_id: &str) {
+    while !run.done() {
+        let consumer: BaseConsumer = consumer_config(servers, group_id).create().unwrap();
+        consumer.subscribe(&[TOPIC]).unwrap();
+        while !run.done() {
+            let crashed = catch_unwind(AssertUnwindSafe(|| {
+                let mut handle = handler(run, worker);
+                let mut next: HashMap<i32, i64> = HashMap::new();
+                let mut wait = Duration::from_millis(100);
+                for _ in 0..16 {
+                    match consumer.poll(wait) {
+                        None => break,
+                        Some(m) => {
+                            let m = m.unwrap();
+                            handle(&m, header_key(&m)).unwrap();
+                            next.insert(m.partition(), m.offset() + 1);
+                        }
+                    }
+                    wait = Duration::ZERO;
+                }
+                let mut tpl = TopicPartitionList::new();
+                for (p, offset) in &next {
+                    tpl.add_partition_offset(TOPIC, *p, Offset::Offset(*offset))
+                        .unwrap();
+                }
+                if tpl.count() > 0 {
+                    consumer.commit(&tpl, CommitMode::Async).unwrap();
+                }
+                next
+            }));
+            match crashed {
+                Err(_crash) => break,
+                Ok(next) => {
+                    for (p, offset) in next {
+                        run.advance(p, offset);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs two consumer threads; the second joins after some work is done.
+fn two_consumers<F>(run: &Run, worker: F)
+where
+    F: Fn(usize) + Sync,
+{
+    thread::scope(|s| {
+        s.spawn(|| worker(0));
+        s.spawn(|| {
+            while !run.second_may_join() {
+                if run.done() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            run.second_joined.store(true, Ordering::SeqCst);
+            worker(1)
+        });
+    });
+}
+
+fn open_store(path: &Path) -> Store {
+    Store::open(path, Options::default().expected_keys_per_partition(1_000)).unwrap()
+}
+
+/// Silences the expected panics of simulated crashes; other panics still print.
+fn quiet_simulated_crashes() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let simulated = info
+            .payload()
+            .downcast_ref::<&str>()
+            .is_some_and(|s| s.starts_with("simulated crash"));
+        if !simulated {
+            default(info);
+        }
+    }));
+}
+
+#[test]
+fn shared_store_applies_each_key_exactly_once_across_crashes_and_rebalances() {
+    quiet_simulated_crashes();
+    let (_cluster, servers, ends) = cluster_with_workload();
+    let dir = tempfile::tempdir().unwrap();
+    let group = GroupStore::new(Arc::new(open_store(dir.path())));
+    let run = Run::new(ends);
+
+    two_consumers(&run, |w| {
+        store_worker(&run, w, &group, &servers, "shared-store")
+    });
+
+    let counts = run.sink.counts();
+    eprintln!(
+        "shared store: {} side effects by worker {:?}, {} duplicates skipped, {} replayed, {} discarded at rebalances, {} commit failures",
+        run.sink.total.load(Ordering::SeqCst),
+        run.by_worker.iter().map(|w| w.load(Ordering::SeqCst)).collect::<Vec<_>>(),
+        run.duplicates.load(Ordering::SeqCst),
+        run.replayed.load(Ordering::SeqCst),
+        run.discarded.load(Ordering::SeqCst),
+        run.commit_failures.load(Ordering::SeqCst),
+    );
+    assert_eq!(
+        run.crashes.load(Ordering::SeqCst),
+        CRASHES.len(),
+        "every crash happened"
+    );
+    assert!(
+        run.by_worker.iter().all(|w| w.load(Ordering::SeqCst) > 0),
+        "both consumers applied side effects (partitions moved)"
+    );
+    assert_eq!(counts.len(), KEYS, "every key was applied");
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "keys not applied exactly once: {twice:?}");
+    // No partition was replayed from behind the store's offset after a
+    // crash or a move, although the Kafka commits lagged behind the store
+    // (the resume-point rule).
+    assert_eq!(run.replayed.load(Ordering::SeqCst), 0, "messages replayed");
+    assert!(
+        run.duplicates.load(Ordering::SeqCst) > 0,
+        "the store skipped the resends"
+    );
+}
+
+#[test]
+fn a_plain_consumer_applies_some_key_twice_in_the_same_scenario() {
+    quiet_simulated_crashes();
+    let (_cluster, servers, ends) = cluster_with_workload();
+    let run = Run::new(ends);
+
+    two_consumers(&run, |w| plain_worker(&run, w, &servers, "plain"));
+
+    let counts = run.sink.counts();
+    assert_eq!(counts.len(), KEYS, "every key was applied");
+    assert!(
+        counts.values().any(|n| *n > 1),
+        "without the store some key must be applied twice"
+    );
+}
