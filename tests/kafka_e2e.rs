@@ -20,7 +20,9 @@ use exactly::kafka::rdkafka::config::ClientConfig;
 use exactly::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use exactly::kafka::rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use exactly::kafka::rdkafka::mocking::MockCluster;
-use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use exactly::kafka::rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, Producer,
+};
 use exactly::kafka::rdkafka::{Offset, TopicPartitionList};
 use exactly::kafka::{DedupContext, GroupStore, IdempotentConsumer, KeySource};
 use exactly::{Options, Partition, Store};
@@ -34,46 +36,49 @@ const DEADLINE: Duration = Duration::from_secs(45);
 /// Side-effect counts at which a consumer crashes.
 const CRASHES: &[usize] = &[20, 60, 110, 170];
 
-/// The messages to produce, in order: `(partition, idempotency key)`.
+/// The messages to produce for keys `keys`, in order: `(partition,
+/// idempotency key)`.
 ///
 /// Every key once; every 7th key again right after (a producer retry
-/// without idempotence); every 11th key from 32 on also repeats the key 32
-/// places earlier (an upstream resend). A key always goes to the same
-/// partition.
-fn workload() -> Vec<(i32, String)> {
+/// without idempotence); every 11th key, 32 keys into the range, also
+/// repeats the key 32 places earlier (an upstream resend). A key always goes
+/// to the same partition.
+fn workload(keys: std::ops::Range<usize>) -> Vec<(i32, String)> {
     let mut out = Vec::new();
     let msg = |i: usize| ((i % PARTITIONS as usize) as i32, format!("order-{i}"));
-    for i in 0..KEYS {
+    for i in keys.clone() {
         out.push(msg(i));
         if i % 7 == 0 {
             out.push(msg(i));
         }
-        if i % 11 == 0 && i >= 32 {
+        if i % 11 == 0 && i >= keys.start + 32 {
             out.push(msg(i - 32));
         }
     }
     out
 }
 
-/// A mock cluster with the topic created and the workload produced. Returns
-/// the cluster, its bootstrap servers and the end offset of each partition.
-fn cluster_with_workload() -> (
-    MockCluster<'static, exactly::kafka::rdkafka::producer::DefaultProducerContext>,
-    String,
-    HashMap<i32, i64>,
-) {
+type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+/// A mock cluster with the topic created. Returns it with its bootstrap
+/// servers.
+fn cluster() -> (Cluster, String) {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
     let servers = cluster.bootstrap_servers();
+    (cluster, servers)
+}
+
+/// Produces `messages`, adding them to the end offsets `ends`.
+fn produce(servers: &str, messages: &[(i32, String)], ends: &mut HashMap<i32, i64>) {
     let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &servers)
+        .set("bootstrap.servers", servers)
         .set("enable.idempotence", "false")
         // Small record batches, so that small fetches mix partitions.
         .set("batch.num.messages", "3")
         .create()
         .unwrap();
-    let mut ends: HashMap<i32, i64> = HashMap::new();
-    for (partition, key) in workload() {
+    for (partition, key) in messages {
         let headers = OwnedHeaders::new().insert(Header {
             key: HEADER,
             value: Some(key.as_bytes()),
@@ -82,17 +87,24 @@ fn cluster_with_workload() -> (
         producer
             .send(
                 BaseRecord::to(TOPIC)
-                    .partition(partition)
+                    .partition(*partition)
                     .key(key.as_bytes())
                     .payload(payload.as_bytes())
                     .headers(headers),
             )
             .map_err(|(e, _)| e)
             .unwrap();
-        *ends.entry(partition).or_default() += 1;
+        *ends.entry(*partition).or_default() += 1;
         producer.poll(Duration::ZERO);
     }
     producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// A mock cluster with the whole workload produced, and its end offsets.
+fn cluster_with_workload() -> (Cluster, String, HashMap<i32, i64>) {
+    let (cluster, servers) = cluster();
+    let mut ends = HashMap::new();
+    produce(&servers, &workload(0..KEYS), &mut ends);
     (cluster, servers, ends)
 }
 
@@ -136,8 +148,9 @@ struct Run {
     sink: Sink,
     crashes_left: Mutex<Vec<usize>>,
     crashes: AtomicUsize,
-    progress: Mutex<HashMap<i32, i64>>,
-    ends: HashMap<i32, i64>,
+    /// Per partition, the highest offset committed by any consumer.
+    progress: Arc<Mutex<HashMap<i32, i64>>>,
+    ends: Mutex<HashMap<i32, i64>>,
     started: Instant,
     second_joined: AtomicBool,
     /// Side effects per consumer thread.
@@ -152,13 +165,13 @@ struct Run {
 }
 
 impl Run {
-    fn new(ends: HashMap<i32, i64>) -> Self {
+    fn new(ends: HashMap<i32, i64>, crashes: &[usize]) -> Self {
         Self {
             sink: Sink::default(),
-            crashes_left: Mutex::new(CRASHES.to_vec()),
+            crashes_left: Mutex::new(crashes.to_vec()),
             crashes: AtomicUsize::new(0),
-            progress: Mutex::new(HashMap::new()),
-            ends,
+            progress: Arc::default(),
+            ends: Mutex::new(ends),
             started: Instant::now(),
             second_joined: AtomicBool::new(false),
             by_worker: Default::default(),
@@ -193,11 +206,13 @@ impl Run {
             self.started.elapsed() < DEADLINE,
             "scenario did not finish in {DEADLINE:?}: progress {:?} of {:?}, {} side effects",
             self.progress.lock().unwrap(),
-            self.ends,
+            self.ends.lock().unwrap(),
             self.sink.total.load(Ordering::SeqCst)
         );
         let progress = self.progress.lock().unwrap();
         self.ends
+            .lock()
+            .unwrap()
             .iter()
             .all(|(p, end)| progress.get(p).is_some_and(|o| o >= end))
     }
@@ -385,7 +400,7 @@ fn shared_store_applies_each_key_exactly_once_across_crashes_and_rebalances() {
     let (_cluster, servers, ends) = cluster_with_workload();
     let dir = tempfile::tempdir().unwrap();
     let group = GroupStore::new(Arc::new(open_store(dir.path())));
-    let run = Run::new(ends);
+    let run = Run::new(ends, CRASHES);
 
     two_consumers(&run, |w| {
         store_worker(&run, w, &group, &servers, "shared-store")
@@ -427,7 +442,7 @@ fn shared_store_applies_each_key_exactly_once_across_crashes_and_rebalances() {
 fn a_plain_consumer_applies_some_key_twice_in_the_same_scenario() {
     quiet_simulated_crashes();
     let (_cluster, servers, ends) = cluster_with_workload();
-    let run = Run::new(ends);
+    let run = Run::new(ends, CRASHES);
 
     two_consumers(&run, |w| plain_worker(&run, w, &servers, "plain"));
 
@@ -436,5 +451,118 @@ fn a_plain_consumer_applies_some_key_twice_in_the_same_scenario() {
     assert!(
         counts.values().any(|n| *n > 1),
         "without the store some key must be applied twice"
+    );
+}
+
+/// A key source for a consumer with its own store: the `idempotency-key`
+/// header, counting messages delivered from behind the highest offset any
+/// consumer committed (replays across a handover).
+fn handover_checking_keys(run: &Run) -> KeySource {
+    let (progress, replayed) = (run.progress.clone(), run.replayed.clone());
+    KeySource::custom(move |m| {
+        let committed = progress.lock().unwrap().get(&m.partition()).copied();
+        if committed.is_some_and(|c| m.offset() < c) {
+            replayed.fetch_add(1, Ordering::SeqCst);
+        }
+        header_key(m).map(Cow::Borrowed)
+    })
+}
+
+/// One consumer instance with its own store directory.
+fn own_store_consumer(run: &Run, servers: &str, dir: &Path) -> IdempotentConsumer {
+    let group = GroupStore::new(Arc::new(open_store(dir)));
+    let consumer: BaseConsumer<DedupContext> = consumer_config(servers, "own-stores")
+        .create_with_context(DedupContext::new(&group))
+        .unwrap();
+    consumer.subscribe(&[TOPIC]).unwrap();
+    IdempotentConsumer::new(consumer, handover_checking_keys(run)).max_batch(16)
+}
+
+/// Polls the consumers in turn from this thread until `until` holds.
+fn drive<U>(run: &Run, consumers: &mut [&mut IdempotentConsumer], until: U)
+where
+    U: Fn(&Run, &[&mut IdempotentConsumer]) -> bool,
+{
+    while !until(run, consumers) {
+        for (worker, consumer) in consumers.iter_mut().enumerate() {
+            let report = consumer
+                .poll_batch(Duration::from_millis(20), handler(run, worker))
+                .unwrap();
+            run.duplicates
+                .fetch_add(report.duplicates, Ordering::SeqCst);
+            for (p, offset) in report.committed {
+                run.advance(p.partition(), offset);
+            }
+        }
+    }
+}
+
+fn all_consumed(run: &Run, _: &[&mut IdempotentConsumer]) -> bool {
+    run.done()
+}
+
+/// Every partition is owned, and every consumer owns some.
+fn settled(run: &Run, consumers: &[&mut IdempotentConsumer]) -> bool {
+    let owned: Vec<usize> = consumers
+        .iter()
+        .map(|c| c.context().owned().len())
+        .collect();
+    assert!(
+        run.started.elapsed() < DEADLINE,
+        "no stable assignment: {owned:?}"
+    );
+    owned.iter().all(|n| *n > 0) && owned.iter().sum::<usize>() == PARTITIONS as usize
+}
+
+#[test]
+fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
+    let (_cluster, servers) = cluster();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let run = Run::new(HashMap::new(), &[]);
+    // Each phase's messages are produced once the assignment is stable, so
+    // that no key's resend straddles a move (see docs/kafka.md).
+    let phase = |keys| produce(&servers, &workload(keys), &mut run.ends.lock().unwrap());
+
+    // One consumer alone.
+    let mut a = own_store_consumer(&run, &servers, dirs[0].path());
+    drive(&run, &mut [&mut a], settled);
+    phase(0..KEYS / 3);
+    drive(&run, &mut [&mut a], all_consumed);
+
+    // A second one joins: the first hands part of the partitions over.
+    let mut b = own_store_consumer(&run, &servers, dirs[1].path());
+    drive(&run, &mut [&mut a, &mut b], settled);
+    phase(KEYS / 3..2 * KEYS / 3);
+    drive(&run, &mut [&mut a, &mut b], all_consumed);
+
+    // The second one leaves: the first gets those partitions back and
+    // resumes them at the group's offsets, ahead of its own store's.
+    drop(b);
+    drive(&run, &mut [&mut a], settled);
+    phase(2 * KEYS / 3..KEYS);
+    drive(&run, &mut [&mut a], all_consumed);
+
+    let counts = run.sink.counts();
+    eprintln!(
+        "own stores: {} side effects by consumer {:?}, {} duplicates skipped, {} replayed",
+        run.sink.total.load(Ordering::SeqCst),
+        run.by_worker
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect::<Vec<_>>(),
+        run.duplicates.load(Ordering::SeqCst),
+        run.replayed.load(Ordering::SeqCst),
+    );
+    assert_eq!(counts.len(), KEYS, "every key was applied");
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "keys not applied exactly once: {twice:?}");
+    assert_eq!(
+        run.replayed.load(Ordering::SeqCst),
+        0,
+        "messages replayed after a handover"
+    );
+    assert!(
+        run.by_worker[1].load(Ordering::SeqCst) > 0,
+        "the second consumer got partitions"
     );
 }
