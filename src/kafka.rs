@@ -214,7 +214,7 @@ pub struct DedupContext {
     handover_commit: bool,
     offsets_timeout: Duration,
     /// Owned partitions and the epoch each was assigned with.
-    owned: Mutex<BTreeMap<Partition, Option<u64>>>,
+    owned: Mutex<BTreeMap<Partition, Owned>>,
     rebalances: AtomicU64,
     handover_failures: AtomicU64,
     commit_failures: AtomicU64,
@@ -294,7 +294,7 @@ impl DedupContext {
 
     /// The epoch `partition` was assigned with, if any.
     fn epoch(&self, partition: &Partition) -> Option<u64> {
-        self.owned.lock().get(partition).copied().flatten()
+        self.owned.lock().get(partition).and_then(|o| o.epoch)
     }
 
     fn fail(&self, failure: RebalanceFailure) {
@@ -317,7 +317,9 @@ impl DedupContext {
                 self.fail(RebalanceFailure::Store(e));
                 continue;
             }
-            self.owned.lock().insert(p.clone(), epoch);
+            // The rebalance counter as it will read once this callback is done.
+            let since = self.rebalances.load(Ordering::Acquire) + 1;
+            self.owned.lock().insert(p.clone(), Owned { epoch, since });
             match self.store().committed_offset(&p) {
                 Ok(Some(offset)) => store_offsets.push((p, offset)),
                 Ok(None) => {}
@@ -374,6 +376,16 @@ impl DedupContext {
             }
         }
     }
+}
+
+/// A partition owned by a consumer.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    /// The epoch its shard was assigned with.
+    epoch: Option<u64>,
+    /// The consumer's rebalance count from which messages of the partition
+    /// belong to this ownership.
+    since: u64,
 }
 
 impl ClientContext for DedupContext {}
@@ -718,15 +730,16 @@ impl IdempotentConsumer {
         }
     }
 
-    /// Polls up to `max_batch` messages. Messages polled before a rebalance
-    /// are dropped: after it, the partition may belong to another consumer
-    /// or resume elsewhere.
+    /// Polls up to `max_batch` messages. When a rebalance happens during the
+    /// poll, the messages polled before it are kept only for partitions this
+    /// consumer has owned throughout (kept across a cooperative rebalance);
+    /// the others may belong to another consumer now, or resume elsewhere.
     fn poll_messages(
         &self,
         timeout: Duration,
         report: &mut PollReport,
     ) -> Vec<BorrowedMessage<'_>> {
-        let mut messages = Vec::new();
+        let mut messages: Vec<BorrowedMessage<'_>> = Vec::new();
         let mut rebalances = self.context().rebalances();
         let mut wait = timeout;
         while messages.len() < self.max_batch {
@@ -734,8 +747,15 @@ impl IdempotentConsumer {
             wait = Duration::ZERO;
             let now = self.context().rebalances();
             if now != rebalances {
-                report.discarded += messages.len();
-                messages.clear();
+                let before = messages.len();
+                let owned = self.context().owned.lock();
+                messages.retain(|m| {
+                    owned
+                        .get(&Partition::new(m.topic(), m.partition()))
+                        .is_some_and(|o| o.since <= rebalances)
+                });
+                drop(owned);
+                report.discarded += before - messages.len();
                 rebalances = now;
             }
             match polled {
