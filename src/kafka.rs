@@ -337,14 +337,29 @@ impl DedupContext {
                 .ok()
                 .and_then(|g| g.find_partition(p.topic(), p.partition()))
                 .map_or(Offset::Invalid, |e| e.offset());
-            if let Some(resume) = resume_offset(Some(offset), group_offset, group_known) {
-                if let Err(e) =
-                    tpl.set_partition_offset(p.topic(), p.partition(), Offset::Offset(resume))
-                {
-                    self.fail(RebalanceFailure::Kafka(e));
+            let Some(resume) = resume_offset(Some(offset), group_offset, group_known) else {
+                continue;
+            };
+            if resume > offset {
+                // Adopt the group's later offset, so that the store's offset
+                // (committed to Kafka on handover) never moves the group's back.
+                if let Err(e) = self.adopt_offset(&p, resume) {
+                    self.fail(RebalanceFailure::Store(e));
                 }
             }
+            if let Err(e) =
+                tpl.set_partition_offset(p.topic(), p.partition(), Offset::Offset(resume))
+            {
+                self.fail(RebalanceFailure::Kafka(e));
+            }
         }
+    }
+
+    /// Commits `offset` as the partition's offset in the store (no marks).
+    fn adopt_offset(&self, partition: &Partition, offset: i64) -> crate::Result<()> {
+        let mut batch = self.store().batch(partition)?;
+        batch.set_offset(offset);
+        batch.commit()
     }
 
     fn on_revoke(&self, consumer: &DedupConsumer, tpl: &TopicPartitionList) {
@@ -430,7 +445,11 @@ impl ConsumerContext for DedupContext {
                     }
                 }
                 self.fail(RebalanceFailure::Kafka(KafkaError::Rebalance(other.into())));
-                consumer.unassign()
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
             }
         };
         if let Err(e) = result {

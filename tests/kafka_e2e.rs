@@ -539,6 +539,12 @@ fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
     // resumes them at the group's offsets, ahead of its own store's.
     drop(b);
     drive(&run, &mut [&mut a], settled);
+    // Its store adopted the group's offsets of the partitions it got back.
+    for p in a.context().owned() {
+        let progress = run.progress.lock().unwrap()[&p.partition()];
+        let stored = a.context().store().committed_offset(&p).unwrap();
+        assert_eq!(stored, Some(progress), "{p}");
+    }
     phase(2 * KEYS / 3..KEYS);
     drive(&run, &mut [&mut a], all_consumed);
 
