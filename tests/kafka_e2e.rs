@@ -24,7 +24,9 @@ use exactly::kafka::rdkafka::producer::{
     BaseProducer, BaseRecord, DefaultProducerContext, Producer,
 };
 use exactly::kafka::rdkafka::{Offset, TopicPartitionList};
-use exactly::kafka::{DedupContext, GroupStore, IdempotentConsumer, KeySource};
+use exactly::kafka::{
+    ConsumeError, DedupContext, GroupStore, IdempotentConsumer, KeySource, MissingKey,
+};
 use exactly::{Options, Partition, Store};
 
 const TOPIC: &str = "orders";
@@ -571,4 +573,152 @@ fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
         run.by_worker[1].load(Ordering::SeqCst) > 0,
         "the second consumer got partitions"
     );
+}
+
+/// Produces to partition 0: `order-0` .. `order-4`, a message without an
+/// idempotency key, `order-5` .. `order-9`.
+fn with_a_keyless_message(servers: &str) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .create()
+        .unwrap();
+    for i in 0..11 {
+        let key = format!("order-{}", if i < 5 { i } else { i - 1 });
+        let mut record = BaseRecord::<[u8], [u8]>::to(TOPIC)
+            .partition(0)
+            .payload(b"payload");
+        if i != 5 {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: HEADER,
+                value: Some(key.as_bytes()),
+            }));
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+fn single_consumer(
+    servers: &str,
+    group_id: &str,
+    dir: &Path,
+    missing: MissingKey,
+) -> IdempotentConsumer {
+    let group = GroupStore::new(Arc::new(open_store(dir)));
+    let consumer: BaseConsumer<DedupContext> = consumer_config(servers, group_id)
+        .create_with_context(DedupContext::new(&group))
+        .unwrap();
+    consumer.subscribe(&[TOPIC]).unwrap();
+    IdempotentConsumer::new(consumer, KeySource::header(HEADER))
+        .max_batch(16)
+        .missing_key(missing)
+}
+
+#[derive(Debug, PartialEq)]
+struct HandlerFailed;
+
+#[test]
+fn a_failed_handler_commits_what_came_before_and_is_retried() {
+    let (_cluster, servers) = cluster();
+    with_a_keyless_message(&servers);
+    let dir = tempfile::tempdir().unwrap();
+    let mut consumer = single_consumer(&servers, "handler-errors", dir.path(), MissingKey::Skip);
+    let p = Partition::new(TOPIC, 0);
+    let started = Instant::now();
+    let (mut applied, mut failed) = (Vec::new(), false);
+    while applied.len() < 10 {
+        assert!(started.elapsed() < DEADLINE, "applied only {applied:?}");
+        let result = consumer.poll_batch(Duration::from_millis(100), |_, key| {
+            // The keyless message is skipped: it never reaches the handler.
+            let key = String::from_utf8(key.unwrap().to_vec()).unwrap();
+            if key == "order-7" && !failed {
+                failed = true;
+                return Err(HandlerFailed);
+            }
+            applied.push(key);
+            Ok(())
+        });
+        match result {
+            Ok(_) => {}
+            Err(ConsumeError::Handler {
+                partition,
+                offset,
+                source,
+            }) => {
+                // order-7 is at offset 8: what came before it is committed.
+                assert_eq!((partition, offset, source), (p.clone(), 8, HandlerFailed));
+                assert_eq!(
+                    consumer.context().store().committed_offset(&p).unwrap(),
+                    Some(8)
+                );
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let expected: Vec<String> = (0..10).map(|i| format!("order-{i}")).collect();
+    assert_eq!(applied, expected, "each once, in order, order-7 retried");
+    assert!(failed);
+    assert_eq!(
+        consumer.context().store().committed_offset(&p).unwrap(),
+        Some(11)
+    );
+}
+
+#[test]
+fn keyless_messages_are_processed_or_stop_the_consumer_by_policy() {
+    let (_cluster, servers) = cluster();
+    with_a_keyless_message(&servers);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut process = single_consumer(
+        &servers,
+        "keyless-process",
+        dirs[0].path(),
+        MissingKey::Process,
+    );
+    let mut fail = single_consumer(&servers, "keyless-fail", dirs[1].path(), MissingKey::Fail);
+    let p = Partition::new(TOPIC, 0);
+    let started = Instant::now();
+
+    let mut seen = Vec::new();
+    let mut stopped_at = None;
+    while seen.len() < 11 || stopped_at.is_none() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "saw {seen:?}, stopped at {stopped_at:?}"
+        );
+        process
+            .poll_batch(Duration::from_millis(50), |m, key| {
+                seen.push((m.offset(), key.map(|k| k.to_vec())));
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+        match fail.poll_batch(Duration::from_millis(50), |_, _| Ok::<(), Infallible>(())) {
+            Ok(_) => {}
+            Err(ConsumeError::MissingKey { partition, offset }) => {
+                assert_eq!((&partition, offset), (&p, 5));
+                stopped_at = Some(offset);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        seen[5],
+        (5, None),
+        "the keyless message reached the handler without a key"
+    );
+    assert_eq!(seen.iter().filter(|(_, k)| k.is_some()).count(), 10);
+    assert_eq!(
+        process.context().store().committed_offset(&p).unwrap(),
+        Some(11)
+    );
+    // The failing consumer committed what came before and stays at the message.
+    assert_eq!(
+        fail.context().store().committed_offset(&p).unwrap(),
+        Some(5)
+    );
+    let again = fail.poll_batch(Duration::from_secs(2), |_, _| Ok::<(), Infallible>(()));
+    assert!(matches!(
+        again,
+        Err(ConsumeError::MissingKey { offset: 5, .. })
+    ));
 }
