@@ -37,6 +37,8 @@ const HEADER: &str = "idempotency-key";
 const DEADLINE: Duration = Duration::from_secs(45);
 /// Side-effect counts at which a consumer crashes.
 const CRASHES: &[usize] = &[20, 60, 110, 170];
+/// Side effects a scheduled crash waits for a batch with several partitions.
+const CRASH_PATIENCE: usize = 25;
 
 /// The messages to produce for keys `keys`, in order: `(partition,
 /// idempotency key)`.
@@ -184,11 +186,15 @@ impl Run {
         }
     }
 
-    /// Whether the side effect about to happen is a scheduled crash point.
-    fn crash_now(&self) -> bool {
+    /// Whether the side effect about to happen, the first of its partition
+    /// in the poll batch, is a scheduled crash point. A crash waits for a
+    /// partition other than the batch's first, unless such a batch has not
+    /// come for a while.
+    fn crash_now(&self, later_partition: bool) -> bool {
+        let total = self.sink.total.load(Ordering::SeqCst);
         let mut left = self.crashes_left.lock().unwrap();
         match left.first() {
-            Some(&at) if self.sink.total.load(Ordering::SeqCst) >= at => {
+            Some(&at) if total >= at && (later_partition || total >= at + CRASH_PATIENCE) => {
                 left.remove(0);
                 self.crashes.fetch_add(1, Ordering::SeqCst);
                 true
@@ -228,19 +234,16 @@ impl Run {
 
 /// A handler for one poll batch: applies the side effect, or crashes
 /// (panics) at a scheduled point. A crash comes before the first side effect
-/// of a partition other than the batch's first: the batch's earlier
-/// partitions are committed to the store but not to Kafka, and no side effect
-/// of an uncommitted store batch has happened.
+/// of a partition in the batch, preferably not the batch's first partition:
+/// then the batch's earlier partitions are committed to the store but not to
+/// Kafka. No side effect of an uncommitted store batch has happened.
 fn handler(
     run: &Run,
     worker: usize,
 ) -> impl FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), Infallible> + '_ {
     let mut first_of_partition = HashSet::new();
     move |m, key| {
-        if first_of_partition.insert(m.partition())
-            && first_of_partition.len() > 1
-            && run.crash_now()
-        {
+        if first_of_partition.insert(m.partition()) && run.crash_now(first_of_partition.len() > 1) {
             panic!("simulated crash before a side effect");
         }
         run.sink.apply(key.expect("every message has a key"));
@@ -252,9 +255,10 @@ fn handler(
 /// One consumer thread of the shared-store deployment: consumes until the
 /// end, and on a crash drops its consumer (no store commit, no Kafka
 /// commit) and starts a new one, which rejoins the group.
-fn store_worker(run: &Run, worker: usize, group: &GroupStore, servers: &str, group_id: &str) {
+fn store_worker(run: &Run, worker: usize, group: &GroupStore, servers: &str, assignor: &str) {
     while !run.done() {
-        let consumer: BaseConsumer<DedupContext> = consumer_config(servers, group_id)
+        let consumer: BaseConsumer<DedupContext> = consumer_config(servers, "shared-store")
+            .set("partition.assignment.strategy", assignor)
             // The shared store holds every mark and offset: no handover commit.
             .create_with_context(DedupContext::new(group).handover_commit(false))
             .unwrap();
@@ -398,19 +402,26 @@ fn quiet_simulated_crashes() {
 
 #[test]
 fn shared_store_applies_each_key_exactly_once_across_crashes_and_rebalances() {
+    shared_store_scenario("range");
+}
+
+#[test]
+fn shared_store_with_cooperative_rebalances() {
+    shared_store_scenario("cooperative-sticky");
+}
+
+fn shared_store_scenario(assignor: &str) {
     quiet_simulated_crashes();
     let (_cluster, servers, ends) = cluster_with_workload();
     let dir = tempfile::tempdir().unwrap();
     let group = GroupStore::new(Arc::new(open_store(dir.path())));
     let run = Run::new(ends, CRASHES);
 
-    two_consumers(&run, |w| {
-        store_worker(&run, w, &group, &servers, "shared-store")
-    });
+    two_consumers(&run, |w| store_worker(&run, w, &group, &servers, assignor));
 
     let counts = run.sink.counts();
     eprintln!(
-        "shared store: {} side effects by worker {:?}, {} duplicates skipped, {} replayed, {} discarded at rebalances, {} commit failures",
+        "shared store, {assignor}: {} side effects by worker {:?}, {} duplicates skipped, {} replayed, {} discarded at rebalances, {} commit failures",
         run.sink.total.load(Ordering::SeqCst),
         run.by_worker.iter().map(|w| w.load(Ordering::SeqCst)).collect::<Vec<_>>(),
         run.duplicates.load(Ordering::SeqCst),
