@@ -12,8 +12,8 @@
 //! * [`IdempotentConsumer`] runs the poll loop: per poll batch and
 //!   partition, it checks each message's idempotency key, calls the handler
 //!   for new ones only, commits the marks and the offset in one store batch,
-//!   and then commits the offsets to Kafka asynchronously. Kafka commits
-//!   always follow the store commit.
+//!   and then commits the offsets to Kafka (asynchronously by default).
+//!   Kafka commits always follow the store commit.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -534,6 +534,27 @@ pub enum MissingKey {
     Fail,
 }
 
+/// When the poll loop commits offsets to Kafka. Kafka commits always follow
+/// the store commit; the store's offsets are the resume points, and Kafka's
+/// are the copy other consumer instances see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KafkaCommit {
+    /// After each poll batch, asynchronously (the default).
+    #[default]
+    Async,
+    /// After each poll batch, waiting for the broker: the group's offsets
+    /// never lag the store's by more than the batch in progress, which
+    /// narrows what the next owner replays when a consumer with its own store
+    /// dies, at the cost of a round trip per batch.
+    Sync,
+    /// Only on revocation (the handover, see
+    /// [`DedupContext::handover_commit`]). Suits consumers that all share
+    /// one store, which holds the offsets anyway; with one store per
+    /// instance, a consumer that dies makes the next owner replay everything
+    /// since its last handover.
+    OnRevoke,
+}
+
 /// An error of the poll loop. After any error, the messages processed so
 /// far are committed (store and Kafka) and the consumer is positioned at
 /// the first message not processed, so calling
@@ -597,14 +618,15 @@ pub struct PollReport {
 /// messages; per partition, open one store batch, and for each message
 /// extract its key, skip it if it is a duplicate, else call the handler and
 /// mark the key; commit the marks with the offset after the last message in
-/// one atomic store write; finally commit the offsets to Kafka
-/// asynchronously.
+/// one atomic store write; finally commit the offsets to Kafka, as
+/// [`KafkaCommit`] says (asynchronously by default).
 pub struct IdempotentConsumer {
     consumer: DedupConsumer,
     keys: KeySource,
     missing: MissingKey,
     max_batch: usize,
     seek_timeout: Duration,
+    kafka_commit: KafkaCommit,
 }
 
 impl std::fmt::Debug for IdempotentConsumer {
@@ -627,7 +649,15 @@ impl IdempotentConsumer {
             missing: MissingKey::default(),
             max_batch: 500,
             seek_timeout: Duration::from_secs(10),
+            kafka_commit: KafkaCommit::default(),
         }
+    }
+
+    /// When offsets are committed to Kafka after the store commit (default
+    /// [`KafkaCommit::Async`]).
+    pub fn kafka_commit(mut self, when: KafkaCommit) -> Self {
+        self.kafka_commit = when;
+        self
     }
 
     /// The policy for messages without a key (default [`MissingKey::Fail`]).
@@ -711,8 +741,13 @@ impl IdempotentConsumer {
             }
         }
 
-        if to_kafka.count() > 0 {
-            if let Err(e) = self.consumer.commit(&to_kafka, CommitMode::Async) {
+        let mode = match self.kafka_commit {
+            KafkaCommit::Async => Some(CommitMode::Async),
+            KafkaCommit::Sync => Some(CommitMode::Sync),
+            KafkaCommit::OnRevoke => None,
+        };
+        if let Some(mode) = mode.filter(|_| to_kafka.count() > 0) {
+            if let Err(e) = self.consumer.commit(&to_kafka, mode) {
                 report.kafka_errors.push(e);
             }
         }
