@@ -755,3 +755,71 @@ fn keyless_messages_are_processed_or_stop_the_consumer_by_policy() {
         Err(ConsumeError::MissingKey { offset: 5, .. })
     ));
 }
+
+/// The window the store cannot close: a crash after a side effect and before
+/// the batch's commit. The next consumer applies the effect again, unless the
+/// downstream system gets the idempotency key and refuses a second use.
+#[test]
+fn the_residual_window_is_closed_by_passing_the_key_downstream() {
+    quiet_simulated_crashes();
+    let (_cluster, servers) = cluster();
+    let keys: Vec<(i32, String)> = (0..10).map(|i| (0, format!("order-{i}"))).collect();
+    produce(&servers, &keys, &mut HashMap::new());
+    let dir = tempfile::tempdir().unwrap();
+    let group = GroupStore::new(Arc::new(open_store(dir.path())));
+    let consumer = || {
+        let consumer: BaseConsumer<DedupContext> = consumer_config(&servers, "residual")
+            .create_with_context(DedupContext::new(&group))
+            .unwrap();
+        consumer.subscribe(&[TOPIC]).unwrap();
+        IdempotentConsumer::new(consumer, KeySource::header(HEADER)).max_batch(16)
+    };
+    // Two downstream systems: one counts every effect, one is keyed by the
+    // idempotency key and applies a key once.
+    let plain = Sink::default();
+    let keyed: Mutex<HashSet<Vec<u8>>> = Mutex::default();
+    let keyed_sink = Sink::default();
+    let apply = |key: &[u8]| {
+        plain.apply(key);
+        if keyed.lock().unwrap().insert(key.to_vec()) {
+            keyed_sink.apply(key);
+        }
+    };
+    let started = Instant::now();
+
+    let mut first = consumer();
+    let crashed = catch_unwind(AssertUnwindSafe(|| loop {
+        assert!(started.elapsed() < DEADLINE);
+        first
+            .poll_batch(Duration::from_millis(100), |_, key| {
+                let key = key.unwrap();
+                apply(key);
+                if key == b"order-3" {
+                    panic!("simulated crash after a side effect");
+                }
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+    }));
+    assert!(crashed.is_err());
+    drop(first);
+
+    let mut second = consumer();
+    while plain.counts().len() < 10 || keyed_sink.counts().len() < 10 {
+        assert!(started.elapsed() < DEADLINE, "{:?}", plain.counts());
+        second
+            .poll_batch(Duration::from_millis(100), |_, key| {
+                apply(key.unwrap());
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+    }
+
+    let plain = plain.counts();
+    assert_eq!(
+        plain["order-3"], 2,
+        "the effect of the crashed batch happened twice"
+    );
+    assert!(plain.values().all(|n| (1..=2).contains(n)));
+    assert!(keyed_sink.counts().values().all(|n| *n == 1));
+}
