@@ -54,6 +54,8 @@ mod claim;
 mod clock;
 mod config;
 mod error;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod manifest;
 mod partition;
 mod shard;
