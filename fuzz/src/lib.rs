@@ -1,0 +1,57 @@
+//! Helpers shared by the fuzz targets: copying a store directory and
+//! looking at its files.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// Copies every regular file of directory `from` into a new directory `to`
+/// (a store directory is flat). A file that disappears while the copy runs
+/// (RocksDB deleting an obsolete file) is skipped, as if it had been deleted
+/// just before.
+pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        match fs::copy(entry.path(), to.join(entry.file_name())) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The length of every regular file in `dir`, by name.
+pub fn file_lengths(dir: &Path) -> io::Result<BTreeMap<String, u64>> {
+    let mut lengths = BTreeMap::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            lengths.insert(name, entry.metadata()?.len());
+        }
+    }
+    Ok(lengths)
+}
+
+/// The number of a RocksDB write-ahead log file (`000012.log`), if `name`
+/// is one.
+pub fn wal_number(name: &str) -> Option<u64> {
+    name.strip_suffix(".log")?.parse().ok()
+}
+
+/// The name of the newest write-ahead log among `names`: the one RocksDB
+/// still appends to. Older logs were synced by RocksDB when it switched to
+/// a newer one (before the flush that made the switch is recorded).
+pub fn newest_wal<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<&'a String> {
+    names
+        .into_iter()
+        .filter_map(|n| wal_number(n).map(|w| (w, n)))
+        .max()
+        .map(|(_, n)| n)
+}
