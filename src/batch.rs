@@ -376,8 +376,11 @@ impl<'s> Batch<'s> {
     /// first, then the store), and whether it is a claim.
     fn current(&self, k: &[u8], now: Now) -> Result<(Option<Entry>, bool)> {
         if let Some(staged) = self.staged.get(k) {
-            let live = staged.entry.filter(|e| e.is_live(now.partition, now.clock));
-            return Ok((live, matches!(live, Some(Entry::Claimed { .. }))));
+            // What this batch wrote counts for the rest of the batch, even if
+            // the clock moved past its expiry meanwhile: a key seen twice in
+            // one batch is `New`, then `Duplicate`.
+            let entry = staged.entry;
+            return Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))));
         }
         let entry = self
             .store

@@ -362,6 +362,8 @@ impl Store {
     /// mark keeps its original expiry (unless [`TtlRefresh::OnDuplicate`]);
     /// a key with a live claim is a duplicate.
     pub fn check_and_mark(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
+        // Bad input is reported before the partition is looked at.
+        self.validate_key(key)?;
         self.single(partition, |b| b.check_and_mark(key))
     }
 
@@ -379,6 +381,8 @@ impl Store {
         key: &[u8],
         event_time: u64,
     ) -> Result<Verdict> {
+        // Bad input is reported before the partition is looked at.
+        self.validate_key(key)?;
         self.single(partition, |b| b.check_and_mark_at(key, event_time))
     }
 
@@ -391,12 +395,16 @@ impl Store {
     /// [`mark`](Self::mark) with a TTL of its own, for keys that must be
     /// remembered longer (or shorter) than the store's TTL.
     pub fn mark_with_ttl(&self, partition: &Partition, key: &[u8], ttl: Duration) -> Result<()> {
+        // Bad input is reported before the partition is looked at.
+        self.validate_key(key)?;
         self.single(partition, |b| b.mark_with_ttl(key, ttl))
     }
 
     /// Removes `key`'s mark (or claim), so it checks as new again (e.g. the
     /// side effect was rolled back). Returns whether it had a live one.
     pub fn unmark(&self, partition: &Partition, key: &[u8]) -> Result<bool> {
+        // Bad input is reported before the partition is looked at.
+        self.validate_key(key)?;
         self.single(partition, |b| b.unmark(key))
     }
 
@@ -407,6 +415,8 @@ impl Store {
     /// follows. A crashed processor's claim can be taken over once its lease
     /// runs out.
     pub fn claim(&self, partition: &Partition, key: &[u8], lease: Duration) -> Result<Claim> {
+        // Bad input is reported before the partition is looked at.
+        self.validate_key(key)?;
         self.single(partition, |b| b.claim(key, lease))
     }
 
