@@ -113,14 +113,22 @@ fn write_batch(store: &Store, p: i32, b: i64) {
 }
 
 fn read_files(dir: &Path) -> Files {
-    let mut files: Files = fs::read_dir(dir)
-        .expect("read template")
-        .map(|e| {
-            let e = e.expect("entry");
-            let name = e.file_name().to_string_lossy().into_owned();
-            (name, fs::read(e.path()).expect("read file"))
-        })
-        .collect();
+    // The store's files, and those one directory down (filter snapshots), by
+    // path relative to the store.
+    let mut files: Files = Vec::new();
+    for e in fs::read_dir(dir).expect("read template") {
+        let e = e.expect("entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.path().is_dir() {
+            for f in fs::read_dir(e.path()).expect("read subdirectory") {
+                let f = f.expect("entry");
+                let sub = f.file_name().to_string_lossy().into_owned();
+                files.push((format!("{name}/{sub}"), fs::read(f.path()).expect("read file")));
+            }
+        } else {
+            files.push((name, fs::read(e.path()).expect("read file")));
+        }
+    }
     files.sort();
     files
 }
@@ -262,7 +270,11 @@ fn run(input: &Input) {
     fs::create_dir(&dir).expect("mkdir");
     for (name, bytes) in &files {
         if let Some(b) = bytes {
-            fs::write(dir.join(name), b).expect("write file");
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).expect("mkdir");
+            }
+            fs::write(path, b).expect("write file");
         }
     }
 
