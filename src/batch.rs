@@ -8,7 +8,7 @@ use std::time::Duration;
 use rocksdb::{BoundColumnFamily, WriteBatch};
 
 use crate::claim::{next_token, Claim, ClaimToken};
-use crate::config::{TimeDomain, TtlRefresh};
+use crate::config::{TimeDomain, TtlRefresh, MAX_TTL};
 use crate::error::{Error, Result};
 use crate::shard::{
     encode_offset, mark_key, Counters, Shard, Verdict, WriterGuard, EPOCH_KEY, EVENT_TIME_KEY,
@@ -109,7 +109,7 @@ impl<'s> Batch<'s> {
     /// years.
     pub fn mark_with_ttl(&mut self, key: &[u8], ttl: Duration) -> Result<()> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if ttl_ms == 0 || ttl > Duration::from_secs(100 * 365 * 24 * 3600) {
+        if ttl_ms == 0 || ttl > MAX_TTL {
             return Err(Error::InvalidOptions(format!(
                 "a mark's ttl must be between 1 ms and 100 years, got {ttl:?}"
             )));

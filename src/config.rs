@@ -100,7 +100,7 @@ impl TimeDomain {
 /// Largest accepted `max_key_len`.
 pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
 /// Longest accepted TTL: 100 years.
-const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Options for [`crate::Store::open`].
 ///
