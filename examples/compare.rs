@@ -72,7 +72,7 @@ fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
     let mut tail: std::collections::VecDeque<u64> =
         std::collections::VecDeque::with_capacity(REPLAY);
     for seq in 0..live as u64 {
-        let id = if rng.next() % 100 == 0 && !recent.is_empty() {
+        let id = if rng.next().is_multiple_of(100) && !recent.is_empty() {
             recent[(rng.next() % recent.len() as u64) as usize]
         } else {
             seq

@@ -56,13 +56,16 @@ mod config;
 mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+mod ledger;
 mod manifest;
 mod partition;
+mod recovery;
 mod shard;
 mod snapshot;
 mod stats;
 mod store;
 mod ttl;
+mod wal;
 
 pub use batch::Batch;
 pub use claim::{Claim, ClaimToken};

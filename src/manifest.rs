@@ -6,6 +6,7 @@
 //! format_version = 1
 //! key_mode = raw
 //! time_domain = processing
+//! ledger = required
 //! checksum = 0123456789abcdef
 //! ```
 //! The checksum is the XXH3-64 of the lines above it, so damage is detected
@@ -32,16 +33,24 @@ pub(crate) struct Manifest {
     pub(crate) format_version: u32,
     pub(crate) key_mode: KeyMode,
     pub(crate) time_domain: TimeDomain,
+    /// Whether the store keeps a durability ledger (`EXACTLY-LEDGER`) that
+    /// must be present. Stores created before the ledger existed get one, and
+    /// this flag, at their first open by a build that knows it.
+    pub(crate) ledger_required: bool,
 }
 
 impl Manifest {
     fn body(&self) -> String {
-        format!(
+        let mut body = format!(
             "{HEADER}\nformat_version = {}\nkey_mode = {}\ntime_domain = {}\n",
             self.format_version,
             self.key_mode.as_str(),
             self.time_domain.as_str()
-        )
+        );
+        if self.ledger_required {
+            body.push_str("ledger = required\n");
+        }
+        body
     }
 
     pub(crate) fn encode(&self) -> String {
@@ -73,11 +82,13 @@ impl Manifest {
         let mut key_mode = None;
         // Absent in manifests written before time domains existed.
         let mut time_domain = Some(TimeDomain::ProcessingTime);
+        let mut ledger_required = false;
         for line in body.lines().skip(1) {
             match line.split_once(" = ") {
                 Some(("format_version", v)) => format_version = v.parse().ok(),
                 Some(("key_mode", v)) => key_mode = KeyMode::parse(v),
                 Some(("time_domain", v)) => time_domain = TimeDomain::parse(v),
+                Some(("ledger", v)) => ledger_required = v == "required",
                 // Unknown fields may come from a newer format; the version check decides.
                 _ => {}
             }
@@ -95,6 +106,7 @@ impl Manifest {
             format_version,
             key_mode,
             time_domain,
+            ledger_required,
         }))
     }
 
@@ -143,6 +155,7 @@ mod tests {
             format_version: FORMAT_VERSION,
             key_mode: KeyMode::Hashed,
             time_domain: TimeDomain::EventTime,
+            ledger_required: true,
         }
     }
 

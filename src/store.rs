@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use rocksdb::{
-    BlockBasedOptions, BoundColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
-    DBRecoveryMode, DBWithThreadMode, MultiThreaded, WriteBatch, WriteOptions,
+    BoundColumnFamily, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, WriteBatch,
+    WriteOptions,
 };
 
 use crate::batch::Batch;
@@ -20,15 +20,23 @@ use crate::claim::{next_token, Claim, ClaimToken};
 use crate::clock::TimeKeeper;
 use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
 use crate::error::{Error, Result};
-use crate::manifest::{sync_dir, Manifest, FORMAT_VERSION};
+use crate::ledger::Ledger;
+use crate::recovery::{
+    check_after_open, check_before_open, db_options, has_rocksdb_data, partition_cf_options,
+    prepare_dir, Prepared,
+};
 use crate::shard::{
     decode_offset, decode_u64, mark_key, Counters, Shard, ShardInit, Verdict, EPOCH_KEY,
     EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY,
 };
 use crate::snapshot::{self, SNAPSHOT_KEY};
 use crate::stats::{PartitionStats, Stats};
-use crate::ttl::{install_compaction_filter, CfShared, Entry};
+use crate::ttl::{CfShared, Entry};
 use crate::Partition;
+
+/// Key in the default column family holding the sequence number last pinned
+/// by [`Store::pin_sequence`]; nothing reads it back.
+const SEQUENCE_PIN_KEY: &[u8] = b"\x00sequence_pin";
 
 type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -68,6 +76,11 @@ type Db = DBWithThreadMode<MultiThreaded>;
 /// ```
 pub struct Store {
     db: Db,
+    /// The directory lock; declared after `db` so it is released after
+    /// RocksDB has closed.
+    _lock: fs::File,
+    /// What was last recorded as durable; see [`crate::ledger`].
+    ledger: Mutex<Ledger>,
     path: PathBuf,
     options: Options,
     ttl_millis: u64,
@@ -103,7 +116,8 @@ impl Store {
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self> {
         options.validate()?;
         let path = path.as_ref().to_path_buf();
-        prepare_dir(&path, &options)?;
+        let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
+        let ledger = check_before_open(&path, &manifest)?;
 
         let time = Arc::new(TimeKeeper::new(options.clock.clone()));
         let mut db_options = db_options();
@@ -137,11 +151,14 @@ impl Store {
         }
         let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
             .map_err(|e| Error::storage(e, &path))?;
+        let ledger = check_after_open(&path, &manifest, ledger, db.latest_sequence_number())?;
 
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.durability == Durability::Sync);
         Ok(Self {
             db,
+            _lock: lock,
+            ledger: Mutex::new(ledger),
             path,
             ttl_millis: options.ttl_millis(),
             options,
@@ -322,10 +339,29 @@ impl Store {
         if self.db.cf_handle(&name).is_none() {
             return Ok(false);
         }
+        self.pin_sequence()?;
         self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
         self.cf_shared.lock().remove(&name);
         snapshot::remove(&self.path, &name)?;
         Ok(true)
+    }
+
+    /// Records RocksDB's current sequence number in its `MANIFEST`, by a
+    /// one-key write to the default column family and a flush of it.
+    ///
+    /// Dropping a column family can make RocksDB forget sequence numbers: a
+    /// drop is recorded without the last sequence number, and the log that
+    /// held the dropped family's writes is then deleted, so recovery can end
+    /// below a sequence number the ledger already recorded as durable, and
+    /// the ledger's check would take a healthy store for a damaged one.
+    /// Pinning the sequence before every drop keeps recovery at or above it.
+    fn pin_sequence(&self) -> Result<()> {
+        let sequence = self.db.latest_sequence_number();
+        let mut write = WriteBatch::default();
+        write.put(SEQUENCE_PIN_KEY, sequence.to_be_bytes());
+        self.write(write)?;
+        // `flush` is the default column family's.
+        self.db.flush().map_err(|e| self.storage(e))
     }
 
     /// The partitions assigned to this store, in order.
@@ -465,7 +501,16 @@ impl Store {
     /// Makes every write acknowledged so far survive a power cut (fsyncs the
     /// write-ahead log).
     pub fn sync(&self) -> Result<()> {
-        self.db.flush_wal(true).map_err(|e| self.storage(e))
+        // Read before the fsync: every write up to it is then durable.
+        let sequence = self.db.latest_sequence_number();
+        self.db.flush_wal(true).map_err(|e| self.storage(e))?;
+        let mut ledger = self.ledger.lock();
+        let next = ledger.durable_now(&self.path, sequence);
+        if next != *ledger {
+            next.write(&self.path)?;
+            *ledger = next;
+        }
+        Ok(())
     }
 
     /// Runs a full compaction of the partition now, dropping its expired
@@ -696,107 +741,4 @@ impl Store {
     fn storage(&self, e: rocksdb::Error) -> Error {
         Error::storage(e, &self.path)
     }
-}
-
-/// Makes sure `path` is a store directory with a manifest, creating both if
-/// the directory is missing or empty, and checks the manifest against the
-/// options.
-fn prepare_dir(path: &Path, options: &Options) -> Result<()> {
-    let not_a_store = || Error::NotAStore {
-        path: path.to_path_buf(),
-    };
-    let manifest = match fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
-            None
-        }
-        Err(e) => return Err(Error::io(path, e)),
-        Ok(m) if !m.is_dir() => return Err(not_a_store()),
-        Ok(_) => Manifest::read(path)?,
-    };
-    match manifest {
-        Some(m) => {
-            if m.key_mode != options.key_mode {
-                return Err(Error::IncompatibleOptions {
-                    option: "key_mode",
-                    stored: format!("{:?}", m.key_mode),
-                    requested: format!("{:?}", options.key_mode),
-                });
-            }
-            if m.time_domain != options.time_domain {
-                return Err(Error::IncompatibleOptions {
-                    option: "time_domain",
-                    stored: format!("{:?}", m.time_domain),
-                    requested: format!("{:?}", options.time_domain),
-                });
-            }
-            Ok(())
-        }
-        None => {
-            let empty = fs::read_dir(path)
-                .map_err(|e| Error::io(path, e))?
-                .next()
-                .is_none();
-            if !empty {
-                return Err(not_a_store());
-            }
-            Manifest {
-                format_version: FORMAT_VERSION,
-                key_mode: options.key_mode,
-                time_domain: options.time_domain,
-            }
-            .write(path)
-        }
-    }
-}
-
-/// Whether the directory holds RocksDB data files (tables or logs).
-fn has_rocksdb_data(path: &Path) -> Result<bool> {
-    for entry in fs::read_dir(path).map_err(|e| Error::io(path, e))? {
-        let name = entry.map_err(|e| Error::io(path, e))?.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(".sst") || name.ends_with(".log") {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-fn db_options() -> rocksdb::Options {
-    let mut o = rocksdb::Options::default();
-    o.set_compression_type(DBCompressionType::Lz4);
-    o.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
-    o.set_paranoid_checks(true);
-    o.set_keep_log_file_num(4);
-    o.set_max_total_wal_size(256 << 20);
-    o.increase_parallelism(2);
-    o
-}
-
-fn partition_cf_options(
-    time: Arc<TimeKeeper>,
-    options: &Options,
-    shared: Arc<CfShared>,
-) -> rocksdb::Options {
-    let mut o = rocksdb::Options::default();
-    o.set_compression_type(DBCompressionType::Lz4);
-    // Small memtables: a mark is a random key, and the skiplist insert is most
-    // of a batch's cost; its depth grows with the memtable. Measured with the
-    // comparison harness (2 M messages): 64 MiB ~2 000 ns/msg, 4 MiB ~1 400.
-    o.set_write_buffer_size(4 << 20);
-    let mut table = BlockBasedOptions::default();
-    table.set_bloom_filter(10.0, false);
-    table.set_whole_key_filtering(true);
-    o.set_block_based_table_factory(&table);
-    install_compaction_filter(
-        &mut o,
-        time,
-        options.time_domain,
-        options.ttl_millis(),
-        shared,
-    );
-    o
 }

@@ -265,6 +265,9 @@ fn run(input: &Input) {
         .map(|m| class(&files[usize::from(m.file) % files.len()].0))
         .max()
         .unwrap_or(Class::Exact);
+    if std::env::var_os("EXACTLY_FUZZ_DEBUG").is_some() {
+        eprintln!("template {}, damaged: {damaged:#?}", input.template % 3);
+    }
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("store");
     fs::create_dir(&dir).expect("mkdir");

@@ -1,0 +1,286 @@
+//! The durability ledger: what the store last knew to be durable, checked
+//! against what RocksDB recovers.
+//!
+//! RocksDB's recovery cannot tell damage to files at rest from a crash: a
+//! `MANIFEST` cut at a record boundary reads as an older version of the
+//! database, and a write-ahead log cut or garbled in the middle stops
+//! point-in-time recovery early. Either way the store would open without an
+//! error and answer `New` for marks that were acknowledged and synced. The
+//! ledger closes that gap. At every point where the store knows its state is
+//! durable (after `open`, at each `sync()` and at `close`) it records:
+//!
+//! * `sequence`: RocksDB's last sequence number, read *before* the log is
+//!   fsynced, so every write up to it is durable;
+//! * `manifest` and `manifest_len`: the number of the live `MANIFEST` file
+//!   and its length, fsynced after it was measured.
+//!
+//! Both only grow in a healthy store: RocksDB appends to a `MANIFEST` until
+//! it starts a new one with a higher number, and recovery never goes below
+//! a durable sequence number. So on open, before RocksDB reads anything, the
+//! `MANIFEST` named by `CURRENT` must not be older or shorter than the
+//! ledger's, and after recovery the sequence number must not be lower. A
+//! store that fails either check is damaged and [`Store::open`] reports
+//! [`Error::Corruption`](crate::Error::Corruption).
+//!
+//! The file (`EXACTLY-LEDGER`) is text with an XXH3 checksum, written with a
+//! temporary file, fsync and rename:
+//!
+//! ```text
+//! exactly ledger
+//! sequence = 1234
+//! manifest = 22
+//! manifest_len = 688
+//! checksum = 0123456789abcdef
+//! ```
+//!
+//! [`Store::open`]: crate::Store::open
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::error::{Error, Result};
+use crate::manifest::sync_dir;
+
+/// File name of the ledger inside the store directory.
+pub(crate) const LEDGER_FILE: &str = "EXACTLY-LEDGER";
+const HEADER: &str = "exactly ledger";
+
+/// What the ledger records; all zero for a new store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Ledger {
+    pub(crate) sequence: u64,
+    pub(crate) manifest: u64,
+    pub(crate) manifest_len: u64,
+}
+
+impl Ledger {
+    fn encode(&self) -> String {
+        let body = format!(
+            "{HEADER}\nsequence = {}\nmanifest = {}\nmanifest_len = {}\n",
+            self.sequence, self.manifest, self.manifest_len
+        );
+        format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()))
+    }
+
+    fn decode(text: &[u8]) -> Result<Self> {
+        let corrupt = |what: &str| Error::Corruption(format!("{LEDGER_FILE}: {what}"));
+        let text = std::str::from_utf8(text).map_err(|_| corrupt("not UTF-8"))?;
+        let (body, checksum_line) = text
+            .trim_end_matches('\n')
+            .rsplit_once('\n')
+            .ok_or_else(|| corrupt("truncated"))?;
+        let body = format!("{body}\n");
+        let stored = checksum_line
+            .strip_prefix("checksum = ")
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .ok_or_else(|| corrupt("missing checksum"))?;
+        if stored != xxh3_64(body.as_bytes()) || !body.starts_with(HEADER) {
+            return Err(corrupt("checksum mismatch"));
+        }
+        let field = |name: &str| -> Result<u64> {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| corrupt(&format!("no valid {name}")))
+        };
+        Ok(Self {
+            sequence: field("sequence")?,
+            manifest: field("manifest")?,
+            manifest_len: field("manifest_len")?,
+        })
+    }
+
+    /// Reads the ledger of `dir`; `Ok(None)` if there is none.
+    pub(crate) fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(LEDGER_FILE);
+        match fs::read(&path) {
+            Ok(text) => Self::decode(&text).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Writes the ledger durably: a temporary file, fsync, rename, fsync of
+    /// the directory.
+    pub(crate) fn write(&self, dir: &Path) -> Result<()> {
+        let tmp = dir.join(format!("{LEDGER_FILE}.tmp"));
+        let path = dir.join(LEDGER_FILE);
+        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(self.encode().as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(dir)
+    }
+
+    /// Checks the `MANIFEST` that `CURRENT` names against the ledger, before
+    /// RocksDB reads it. A missing or unreadable `CURRENT` or `MANIFEST` is
+    /// left for RocksDB to report.
+    pub(crate) fn check_manifest(&self, dir: &Path) -> Result<()> {
+        let Some((number, len)) = live_manifest(dir) else {
+            return Ok(());
+        };
+        if number < self.manifest {
+            return Err(Error::Corruption(format!(
+                "CURRENT names MANIFEST-{number:06}, older than MANIFEST-{:06} that was \
+                 live at the last sync: RocksDB's files were damaged or partly restored \
+                 from an older copy. Restore the whole store directory from one copy",
+                self.manifest
+            )));
+        }
+        if number == self.manifest && len < self.manifest_len {
+            return Err(Error::Corruption(format!(
+                "MANIFEST-{number:06} holds {len} bytes but held {} at the last sync: it \
+                 was truncated, and RocksDB would open an older version of the store. \
+                 Restore the store directory from a copy",
+                self.manifest_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the sequence number RocksDB recovered against the ledger.
+    pub(crate) fn check_sequence(&self, recovered: u64) -> Result<()> {
+        if recovered < self.sequence {
+            return Err(Error::Corruption(format!(
+                "RocksDB recovered writes up to sequence number {recovered}, but writes up \
+                 to {} were durable at the last sync: a write-ahead log or table file was \
+                 damaged or removed. Restore the store directory from a copy",
+                self.sequence
+            )));
+        }
+        Ok(())
+    }
+
+    /// What is durable now: `sequence` (read by the caller before it fsynced
+    /// the log) and the live `MANIFEST`, measured and then fsynced. If the
+    /// `MANIFEST` cannot be read (RocksDB may just have replaced it), the
+    /// previous ledger's values are kept: they remain true.
+    pub(crate) fn durable_now(&self, dir: &Path, sequence: u64) -> Self {
+        let mut next = Self {
+            sequence: sequence.max(self.sequence),
+            ..*self
+        };
+        if let Some((number, len)) = live_manifest(dir) {
+            let synced = fs::File::open(dir.join(manifest_name(number)))
+                .and_then(|f| f.sync_all())
+                .is_ok();
+            if synced && (number, len) > (self.manifest, self.manifest_len) {
+                next.manifest = number;
+                next.manifest_len = len;
+            }
+        }
+        next
+    }
+}
+
+fn manifest_name(number: u64) -> String {
+    format!("MANIFEST-{number:06}")
+}
+
+/// The number and length of the `MANIFEST` that `CURRENT` names.
+fn live_manifest(dir: &Path) -> Option<(u64, u64)> {
+    let current = fs::read_to_string(dir.join("CURRENT")).ok()?;
+    let number: u64 = current.trim_end().strip_prefix("MANIFEST-")?.parse().ok()?;
+    let len = fs::metadata(dir.join(manifest_name(number))).ok()?.len();
+    Some((number, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ledger() -> Ledger {
+        Ledger {
+            sequence: 1234,
+            manifest: 22,
+            manifest_len: 688,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let l = ledger();
+        assert_eq!(Ledger::decode(l.encode().as_bytes()).unwrap(), l);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let text = ledger().encode().into_bytes();
+        for i in 0..text.len() {
+            let mut damaged = text.clone();
+            damaged[i] ^= 0x04;
+            assert!(
+                matches!(Ledger::decode(&damaged), Err(Error::Corruption(_))),
+                "flip at byte {i} went unnoticed"
+            );
+        }
+        for len in 0..text.len() - 1 {
+            assert!(
+                matches!(Ledger::decode(&text[..len]), Err(Error::Corruption(_))),
+                "truncation to {len} bytes went unnoticed"
+            );
+        }
+    }
+
+    fn dir_with_manifest(number: u64, len: usize) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("CURRENT"),
+            format!("{}\n", manifest_name(number)),
+        )
+        .unwrap();
+        fs::write(dir.path().join(manifest_name(number)), vec![0u8; len]).unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_older_or_shorter_manifest_is_refused() {
+        let l = ledger();
+        assert!(l.check_manifest(dir_with_manifest(22, 688).path()).is_ok());
+        assert!(l.check_manifest(dir_with_manifest(22, 700).path()).is_ok());
+        assert!(l.check_manifest(dir_with_manifest(23, 10).path()).is_ok());
+        assert!(matches!(
+            l.check_manifest(dir_with_manifest(22, 687).path()),
+            Err(Error::Corruption(_))
+        ));
+        assert!(matches!(
+            l.check_manifest(dir_with_manifest(21, 5000).path()),
+            Err(Error::Corruption(_))
+        ));
+        // No CURRENT: left for RocksDB to report.
+        assert!(l
+            .check_manifest(tempfile::tempdir().unwrap().path())
+            .is_ok());
+    }
+
+    #[test]
+    fn a_lower_recovered_sequence_is_refused() {
+        let l = ledger();
+        assert!(l.check_sequence(1234).is_ok());
+        assert!(l.check_sequence(5000).is_ok());
+        assert!(matches!(l.check_sequence(1233), Err(Error::Corruption(_))));
+    }
+
+    #[test]
+    fn durable_now_only_moves_forward() {
+        let l = ledger();
+        let dir = dir_with_manifest(22, 900);
+        let next = l.durable_now(dir.path(), 2000);
+        assert_eq!(
+            (next.sequence, next.manifest, next.manifest_len),
+            (2000, 22, 900)
+        );
+        let back = next.durable_now(dir_with_manifest(21, 9000).path(), 10);
+        assert_eq!(
+            back, next,
+            "an older manifest or sequence never lowers the ledger"
+        );
+        let write_dir = tempfile::tempdir().unwrap();
+        next.write(write_dir.path()).unwrap();
+        assert_eq!(Ledger::read(write_dir.path()).unwrap(), Some(next));
+    }
+}
