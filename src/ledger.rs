@@ -11,14 +11,18 @@
 //!
 //! * `sequence`: RocksDB's last sequence number, read *before* the log is
 //!   fsynced, so every write up to it is durable;
-//! * `manifest` and `manifest_len`: the number of the live `MANIFEST` file
-//!   and its length, fsynced after it was measured.
+//! * `manifest`, `manifest_len` and `manifest_xxh3`: the number of the live
+//!   `MANIFEST` file, its length and the XXH3-64 of those bytes, read and
+//!   then fsynced.
 //!
-//! Both only grow in a healthy store: RocksDB appends to a `MANIFEST` until
-//! it starts a new one with a higher number, and recovery never goes below
-//! a durable sequence number. So on open, before RocksDB reads anything, the
-//! `MANIFEST` named by `CURRENT` must not be older or shorter than the
-//! ledger's, and after recovery the sequence number must not be lower. A
+//! RocksDB only appends to a `MANIFEST` until it starts a new one with a
+//! higher number, and recovery never goes below a durable sequence number.
+//! So on open, before RocksDB reads anything, the `MANIFEST` named by
+//! `CURRENT` must be newer than the ledger's, or the same file still starting
+//! with the same bytes; and after recovery the sequence number must not be
+//! lower. (RocksDB reads a `MANIFEST` whose last record is cut, or damaged so
+//! that it looks cut, as a torn tail: silently, as an older store. The hash
+//! catches that.) A
 //! store that fails either check is damaged and [`Store::open`] reports
 //! [`Error::Corruption`](crate::Error::Corruption).
 //!
@@ -30,6 +34,7 @@
 //! sequence = 1234
 //! manifest = 22
 //! manifest_len = 688
+//! manifest_xxh3 = 0123456789abcdef
 //! checksum = 0123456789abcdef
 //! ```
 //!
@@ -54,13 +59,14 @@ pub(crate) struct Ledger {
     pub(crate) sequence: u64,
     pub(crate) manifest: u64,
     pub(crate) manifest_len: u64,
+    pub(crate) manifest_xxh3: u64,
 }
 
 impl Ledger {
     fn encode(&self) -> String {
         let body = format!(
-            "{HEADER}\nsequence = {}\nmanifest = {}\nmanifest_len = {}\n",
-            self.sequence, self.manifest, self.manifest_len
+            "{HEADER}\nsequence = {}\nmanifest = {}\nmanifest_len = {}\nmanifest_xxh3 = {:016x}\n",
+            self.sequence, self.manifest, self.manifest_len, self.manifest_xxh3
         );
         format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()))
     }
@@ -80,16 +86,17 @@ impl Ledger {
         if stored != xxh3_64(body.as_bytes()) || !body.starts_with(HEADER) {
             return Err(corrupt("checksum mismatch"));
         }
-        let field = |name: &str| -> Result<u64> {
+        let field = |name: &str, radix: u32| -> Result<u64> {
             body.lines()
                 .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
-                .and_then(|v| v.parse().ok())
+                .and_then(|v| u64::from_str_radix(v, radix).ok())
                 .ok_or_else(|| corrupt(&format!("no valid {name}")))
         };
         Ok(Self {
-            sequence: field("sequence")?,
-            manifest: field("manifest")?,
-            manifest_len: field("manifest_len")?,
+            sequence: field("sequence", 10)?,
+            manifest: field("manifest", 10)?,
+            manifest_len: field("manifest_len", 10)?,
+            manifest_xxh3: field("manifest_xxh3", 16)?,
         })
     }
 
@@ -120,7 +127,7 @@ impl Ledger {
     /// RocksDB reads it. A missing or unreadable `CURRENT` or `MANIFEST` is
     /// left for RocksDB to report.
     pub(crate) fn check_manifest(&self, dir: &Path) -> Result<()> {
-        let Some((number, len)) = live_manifest(dir) else {
+        let Some((number, bytes)) = live_manifest(dir) else {
             return Ok(());
         };
         if number < self.manifest {
@@ -131,12 +138,23 @@ impl Ledger {
                 self.manifest
             )));
         }
-        if number == self.manifest && len < self.manifest_len {
+        if number > self.manifest {
+            return Ok(());
+        }
+        let durable = usize::try_from(self.manifest_len).unwrap_or(usize::MAX);
+        if bytes.len() < durable {
             return Err(Error::Corruption(format!(
-                "MANIFEST-{number:06} holds {len} bytes but held {} at the last sync: it \
-                 was truncated, and RocksDB would open an older version of the store. \
+                "MANIFEST-{number:06} holds {} bytes but held {durable} at the last sync: \
+                 it was truncated, and RocksDB would open an older version of the store. \
                  Restore the store directory from a copy",
-                self.manifest_len
+                bytes.len()
+            )));
+        }
+        if xxh3_64(&bytes[..durable]) != self.manifest_xxh3 {
+            return Err(Error::Corruption(format!(
+                "the first {durable} bytes of MANIFEST-{number:06} changed since the last \
+                 sync: it was damaged, and RocksDB could open an older version of the \
+                 store. Restore the store directory from a copy"
             )));
         }
         Ok(())
@@ -156,7 +174,7 @@ impl Ledger {
     }
 
     /// What is durable now: `sequence` (read by the caller before it fsynced
-    /// the log) and the live `MANIFEST`, measured and then fsynced. If the
+    /// the log) and the live `MANIFEST`, read and then fsynced. If the
     /// `MANIFEST` cannot be read (RocksDB may just have replaced it), the
     /// previous ledger's values are kept: they remain true.
     pub(crate) fn durable_now(&self, dir: &Path, sequence: u64) -> Self {
@@ -164,13 +182,15 @@ impl Ledger {
             sequence: sequence.max(self.sequence),
             ..*self
         };
-        if let Some((number, len)) = live_manifest(dir) {
+        if let Some((number, bytes)) = live_manifest(dir) {
+            let len = bytes.len() as u64;
             let synced = fs::File::open(dir.join(manifest_name(number)))
                 .and_then(|f| f.sync_all())
                 .is_ok();
             if synced && (number, len) > (self.manifest, self.manifest_len) {
                 next.manifest = number;
                 next.manifest_len = len;
+                next.manifest_xxh3 = xxh3_64(&bytes);
             }
         }
         next
@@ -181,12 +201,14 @@ fn manifest_name(number: u64) -> String {
     format!("MANIFEST-{number:06}")
 }
 
-/// The number and length of the `MANIFEST` that `CURRENT` names.
-fn live_manifest(dir: &Path) -> Option<(u64, u64)> {
+/// The number and contents of the `MANIFEST` that `CURRENT` names. RocksDB
+/// starts a new one past `max_manifest_file_size` (a few MiB), so reading it
+/// whole stays cheap.
+fn live_manifest(dir: &Path) -> Option<(u64, Vec<u8>)> {
     let current = fs::read_to_string(dir.join("CURRENT")).ok()?;
     let number: u64 = current.trim_end().strip_prefix("MANIFEST-")?.parse().ok()?;
-    let len = fs::metadata(dir.join(manifest_name(number))).ok()?.len();
-    Some((number, len))
+    let bytes = fs::read(dir.join(manifest_name(number))).ok()?;
+    Some((number, bytes))
 }
 
 #[cfg(test)]
@@ -198,6 +220,7 @@ mod tests {
             sequence: 1234,
             manifest: 22,
             manifest_len: 688,
+            manifest_xxh3: xxh3_64(&[7u8; 688]),
         }
     }
 
@@ -233,7 +256,7 @@ mod tests {
             format!("{}\n", manifest_name(number)),
         )
         .unwrap();
-        fs::write(dir.path().join(manifest_name(number)), vec![0u8; len]).unwrap();
+        fs::write(dir.path().join(manifest_name(number)), vec![7u8; len]).unwrap();
         dir
     }
 
@@ -249,6 +272,15 @@ mod tests {
         ));
         assert!(matches!(
             l.check_manifest(dir_with_manifest(21, 5000).path()),
+            Err(Error::Corruption(_))
+        ));
+        let damaged = dir_with_manifest(22, 700);
+        let path = damaged.path().join(manifest_name(22));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[687] = 0;
+        fs::write(&path, bytes).unwrap();
+        assert!(matches!(
+            l.check_manifest(damaged.path()),
             Err(Error::Corruption(_))
         ));
         // No CURRENT: left for RocksDB to report.

@@ -163,6 +163,10 @@ pub(crate) fn db_options() -> rocksdb::Options {
     o.set_paranoid_checks(true);
     o.set_keep_log_file_num(4);
     o.set_max_total_wal_size(256 << 20);
+    // The durability ledger hashes the live MANIFEST at every sync: keep it
+    // small (RocksDB starts a new one, a snapshot of the current state, past
+    // this size; the default is 1 GiB).
+    o.set_max_manifest_file_size(4 << 20);
     o.increase_parallelism(2);
     o
 }
