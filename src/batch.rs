@@ -46,7 +46,7 @@ pub struct Batch<'s> {
     cf: Arc<BoundColumnFamily<'s>>,
     // Released after `Drop::drop` has cleared the holder.
     _writer: WriterGuard,
-    staged: HashMap<Vec<u8>, Staged>,
+    staged: HashMap<Vec<u8>, Staged, foldhash::quality::RandomState>,
     marks: usize,
     offset: Option<i64>,
     fence: Option<u64>,
@@ -67,7 +67,10 @@ impl<'s> Batch<'s> {
             shard,
             cf,
             _writer: writer,
-            staged: HashMap::new(),
+            staged: HashMap::with_capacity_and_hasher(
+                64,
+                foldhash::quality::RandomState::default(),
+            ),
             marks: 0,
             offset: None,
             fence: None,

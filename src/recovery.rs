@@ -87,7 +87,9 @@ pub(crate) fn prepare_dir(path: &Path, options: &Options) -> Result<Prepared> {
 }
 
 /// Takes an exclusive `flock` on the directory itself, so a second `Store`,
-/// in this process or another, is refused before it reads anything.
+/// in this process or another, is refused before it reads anything. Where
+/// the platform or file system has no such lock, RocksDB's `LOCK` file still
+/// refuses a second writer, at `DB::open`.
 fn lock_dir(path: &Path) -> Result<fs::File> {
     let dir = fs::File::open(path).map_err(|e| Error::io(path, e))?;
     match dir.try_lock() {
@@ -95,6 +97,7 @@ fn lock_dir(path: &Path) -> Result<fs::File> {
         Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
             path: path.to_path_buf(),
         }),
+        Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => Ok(dir),
         Err(fs::TryLockError::Error(e)) => Err(Error::io(path, e)),
     }
 }
