@@ -1,5 +1,5 @@
-//! A pre-flight check of RocksDB's write-ahead logs, run before RocksDB
-//! replays them.
+//! A pre-flight check of RocksDB's write-ahead logs (and of its `MANIFEST`,
+//! which is written in the same format), run before RocksDB reads them.
 //!
 //! RocksDB's log reader (11.x) loops forever on one kind of damage: in a log
 //! that was not recycled, a physical record whose type byte is one of the
@@ -102,23 +102,39 @@ pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
     None
 }
 
-/// Checks every write-ahead log (`*.log`) in the store directory; see the
-/// module documentation.
+/// Checks every write-ahead log (`*.log`) in the store directory, and the
+/// `MANIFEST` that `CURRENT` names (it is written in the same log format and
+/// read by the same reader); see the module documentation.
 pub(crate) fn check_logs(dir: &Path) -> Result<()> {
+    let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".log") || !entry.path().is_file() {
-            continue;
+        if name.ends_with(".log") && entry.path().is_file() {
+            names.push(name);
         }
-        let log = fs::read(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+    }
+    if let Ok(current) = fs::read_to_string(dir.join("CURRENT")) {
+        let manifest = current.trim_end();
+        if manifest.starts_with("MANIFEST-") && !manifest.contains('/') {
+            names.push(manifest.to_owned());
+        }
+    }
+    for name in names {
+        let path = dir.join(&name);
+        let log = match fs::read(&path) {
+            Ok(log) => log,
+            // A missing file is RocksDB's to report.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(path, e)),
+        };
         if let Some(at) = find_reader_loop(&log) {
             return Err(Error::Corruption(format!(
-                "write-ahead log {name} is damaged at byte {at} of {}: a record of a \
-                 recycled-log type in a log that was not recycled, which RocksDB's \
-                 recovery cannot get past. Restore the store from a copy, or, if the \
-                 damage is a torn tail after a power cut, truncate the file to {at} \
-                 bytes and open again (writes after that point are lost)",
+                "{name} is damaged at byte {at} of {}: a record of a recycled-log type in a \
+                 log that was not recycled, which RocksDB's recovery cannot get past. \
+                 Restore the store from a copy, or, if the damage is a torn tail after a \
+                 power cut, truncate the file to {at} bytes and open again (what was \
+                 written after that point is lost)",
                 log.len()
             )));
         }
