@@ -41,13 +41,12 @@
 //! [`Store::open`]: crate::Store::open
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::durable::{self, seal, unseal};
 use crate::error::{Error, Result};
-use crate::manifest::sync_dir;
 
 /// File name of the ledger inside the store directory.
 pub(crate) const LEDGER_FILE: &str = "EXACTLY-LEDGER";
@@ -64,27 +63,17 @@ pub(crate) struct Ledger {
 
 impl Ledger {
     fn encode(&self) -> String {
-        let body = format!(
+        seal(&format!(
             "{HEADER}\nsequence = {}\nmanifest = {}\nmanifest_len = {}\nmanifest_xxh3 = {:016x}\n",
             self.sequence, self.manifest, self.manifest_len, self.manifest_xxh3
-        );
-        format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()))
+        ))
     }
 
     fn decode(text: &[u8]) -> Result<Self> {
         let corrupt = |what: &str| Error::Corruption(format!("{LEDGER_FILE}: {what}"));
-        let text = std::str::from_utf8(text).map_err(|_| corrupt("not UTF-8"))?;
-        let (body, checksum_line) = text
-            .trim_end_matches('\n')
-            .rsplit_once('\n')
-            .ok_or_else(|| corrupt("truncated"))?;
-        let body = format!("{body}\n");
-        let stored = checksum_line
-            .strip_prefix("checksum = ")
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .ok_or_else(|| corrupt("missing checksum"))?;
-        if stored != xxh3_64(body.as_bytes()) || !body.starts_with(HEADER) {
-            return Err(corrupt("checksum mismatch"));
+        let body = unseal(text, LEDGER_FILE)?;
+        if !body.starts_with(HEADER) {
+            return Err(corrupt("not a ledger"));
         }
         let field = |name: &str, radix: u32| -> Result<u64> {
             body.lines()
@@ -110,17 +99,13 @@ impl Ledger {
         }
     }
 
-    /// Writes the ledger durably: a temporary file, fsync, rename, fsync of
-    /// the directory.
+    /// Writes the ledger durably (see [`durable::replace`]).
     pub(crate) fn write(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.join(format!("{LEDGER_FILE}.tmp"));
-        let path = dir.join(LEDGER_FILE);
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(self.encode().as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(dir)
+        durable::replace(
+            &dir.join(LEDGER_FILE),
+            &dir.join(format!("{LEDGER_FILE}.tmp")),
+            self.encode().as_bytes(),
+        )
     }
 
     /// Checks the `MANIFEST` that `CURRENT` names against the ledger, before
@@ -182,7 +167,10 @@ impl Ledger {
             sequence: sequence.max(self.sequence),
             ..*self
         };
-        if let Some((number, bytes)) = live_manifest(dir) {
+        // Read (and hash) the MANIFEST only when it grew since the last time.
+        let grew = live_manifest_len(dir)
+            .is_some_and(|(number, len)| (number, len) > (self.manifest, self.manifest_len));
+        if let Some((number, bytes)) = live_manifest(dir).filter(|_| grew) {
             let len = bytes.len() as u64;
             let synced = fs::File::open(dir.join(manifest_name(number)))
                 .and_then(|f| f.sync_all())
@@ -201,12 +189,24 @@ fn manifest_name(number: u64) -> String {
     format!("MANIFEST-{number:06}")
 }
 
+/// The number of the `MANIFEST` that `CURRENT` names.
+fn live_manifest_number(dir: &Path) -> Option<u64> {
+    let current = fs::read_to_string(dir.join("CURRENT")).ok()?;
+    current.trim_end().strip_prefix("MANIFEST-")?.parse().ok()
+}
+
+/// The number and length of the `MANIFEST` that `CURRENT` names.
+fn live_manifest_len(dir: &Path) -> Option<(u64, u64)> {
+    let number = live_manifest_number(dir)?;
+    let len = fs::metadata(dir.join(manifest_name(number))).ok()?.len();
+    Some((number, len))
+}
+
 /// The number and contents of the `MANIFEST` that `CURRENT` names. RocksDB
 /// starts a new one past `max_manifest_file_size` (a few MiB), so reading it
 /// whole stays cheap.
 fn live_manifest(dir: &Path) -> Option<(u64, Vec<u8>)> {
-    let current = fs::read_to_string(dir.join("CURRENT")).ok()?;
-    let number: u64 = current.trim_end().strip_prefix("MANIFEST-")?.parse().ok()?;
+    let number = live_manifest_number(dir)?;
     let bytes = fs::read(dir.join(manifest_name(number))).ok()?;
     Some((number, bytes))
 }

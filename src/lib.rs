@@ -53,6 +53,7 @@ mod bloom;
 mod claim;
 mod clock;
 mod config;
+mod durable;
 mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;

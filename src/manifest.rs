@@ -13,12 +13,10 @@
 //! rather than misread.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
-use xxhash_rust::xxh3::xxh3_64;
-
 use crate::config::{KeyMode, TimeDomain};
+use crate::durable::{self, seal, unseal};
 use crate::error::{Error, Result};
 
 /// File name of the manifest inside the store directory.
@@ -54,8 +52,7 @@ impl Manifest {
     }
 
     pub(crate) fn encode(&self) -> String {
-        let body = self.body();
-        format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()))
+        seal(&self.body())
     }
 
     /// Parses a manifest. `Ok(None)` if the text is not a manifest at all
@@ -65,19 +62,7 @@ impl Manifest {
             return Ok(None);
         }
         let corrupt = |what: &str| Error::Corruption(format!("store manifest: {what}"));
-        let text = std::str::from_utf8(text).map_err(|_| corrupt("not UTF-8"))?;
-        let (body, checksum_line) = text
-            .trim_end_matches('\n')
-            .rsplit_once('\n')
-            .ok_or_else(|| corrupt("truncated"))?;
-        let body = format!("{body}\n");
-        let stored = checksum_line
-            .strip_prefix("checksum = ")
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-            .ok_or_else(|| corrupt("missing checksum"))?;
-        if stored != xxh3_64(body.as_bytes()) {
-            return Err(corrupt("checksum mismatch"));
-        }
+        let body = unseal(text, "store manifest")?;
         let mut format_version = None;
         let mut key_mode = None;
         // Absent in manifests written before time domains existed.
@@ -125,25 +110,14 @@ impl Manifest {
         }
     }
 
-    /// Writes the manifest durably: a temporary file, fsync, rename, fsync of
-    /// the directory.
+    /// Writes the manifest durably (see [`durable::replace`]).
     pub(crate) fn write(&self, dir: &Path) -> Result<()> {
-        let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
-        let path = dir.join(MANIFEST_FILE);
-        let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(self.encode().as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        sync_dir(dir)
+        durable::replace(
+            &dir.join(MANIFEST_FILE),
+            &dir.join(format!("{MANIFEST_FILE}.tmp")),
+            self.encode().as_bytes(),
+        )
     }
-}
-
-/// Fsyncs a directory so that a rename or create in it survives a power cut.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
 }
 
 #[cfg(test)]
@@ -189,7 +163,7 @@ mod tests {
     #[test]
     fn newer_format_is_refused() {
         let body = format!("{HEADER}\nformat_version = 9\nkey_mode = raw\n");
-        let text = format!("{body}checksum = {:016x}\n", xxh3_64(body.as_bytes()));
+        let text = seal(&body);
         assert!(matches!(
             Manifest::decode(text.as_bytes()),
             Err(Error::UnsupportedFormat {

@@ -11,9 +11,10 @@ use rocksdb::{BlockBasedOptions, DBCompressionType, DBRecoveryMode};
 
 use crate::clock::TimeKeeper;
 use crate::config::Options;
+use crate::durable::sync_dir;
 use crate::error::{Error, Result};
 use crate::ledger::{Ledger, LEDGER_FILE};
-use crate::manifest::{sync_dir, Manifest, FORMAT_VERSION, MANIFEST_FILE};
+use crate::manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
 use crate::ttl::{install_compaction_filter, CfShared};
 
 /// An open, locked store directory whose manifest matches the options.

@@ -15,14 +15,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::bloom::ExpiringFilter;
+use crate::durable;
 use crate::error::{Error, Result};
-use crate::manifest::sync_dir;
 use crate::ttl::Entry;
 
 const MAGIC: &[u8; 8] = b"EXSNAP01";
@@ -64,13 +63,7 @@ pub(crate) fn write(
     let dir = store_dir.join(SNAPSHOT_DIR);
     fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let target = path(store_dir, cf_name);
-    let tmp = target.with_extension("tmp");
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
-    sync_dir(&dir)
+    durable::replace(&target, &target.with_extension("tmp"), &bytes)
 }
 
 /// Reads the snapshot with id `id`; `None` if it is missing, damaged, of
