@@ -25,6 +25,15 @@ pub(crate) fn replace(target: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// The contents of `path`; `Ok(None)` if there is no such file.
+pub(crate) fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Fsyncs a directory so that a rename or create in it survives a power cut.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)

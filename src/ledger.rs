@@ -91,12 +91,9 @@ impl Ledger {
 
     /// Reads the ledger of `dir`; `Ok(None)` if there is none.
     pub(crate) fn read(dir: &Path) -> Result<Option<Self>> {
-        let path = dir.join(LEDGER_FILE);
-        match fs::read(&path) {
-            Ok(text) => Self::decode(&text).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(path, e)),
-        }
+        durable::read_if_exists(&dir.join(LEDGER_FILE))?
+            .map(|text| Self::decode(&text))
+            .transpose()
     }
 
     /// Writes the ledger durably (see [`durable::replace`]).

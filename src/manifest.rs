@@ -12,7 +12,6 @@
 //! The checksum is the XXH3-64 of the lines above it, so damage is detected
 //! rather than misread.
 
-use std::fs;
 use std::path::Path;
 
 use crate::config::{KeyMode, TimeDomain};
@@ -97,16 +96,14 @@ impl Manifest {
 
     /// Reads the manifest of `dir`; `Ok(None)` if there is none.
     pub(crate) fn read(dir: &Path) -> Result<Option<Self>> {
-        let path = dir.join(MANIFEST_FILE);
-        match fs::read(&path) {
-            Ok(text) => match Self::decode(&text)? {
-                Some(m) => Ok(Some(m)),
-                None => Err(Error::NotAStore {
-                    path: dir.to_path_buf(),
-                }),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(path, e)),
+        let Some(text) = durable::read_if_exists(&dir.join(MANIFEST_FILE))? else {
+            return Ok(None);
+        };
+        match Self::decode(&text)? {
+            Some(m) => Ok(Some(m)),
+            None => Err(Error::NotAStore {
+                path: dir.to_path_buf(),
+            }),
         }
     }
 

@@ -226,42 +226,18 @@ fn open_within(dir: PathBuf, limit: Duration) -> exactly::Result<Store> {
         .unwrap_or_else(|_| panic!("Store::open did not return within {limit:?}"))
 }
 
-#[test]
-fn garbage_that_traps_rocksdbs_log_reader_is_refused() {
+/// Appends `garbage` to the file `what` picks in a template of the given
+/// shape: `open` must refuse it with `Corruption` naming the file and the
+/// byte where the garbage starts, promptly; cutting the file there, as the
+/// message advises, must give back the exact store.
+fn refuses_reader_trap(compact_after: Option<i64>, what: fn(&str) -> bool, garbage: &[u8]) {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path().join("store");
-    build(&dir, None, false);
-    let log = files_named(&dir, wal).pop().expect("a write-ahead log");
-    let mut bytes = fs::read(dir.join(&log)).expect("read log");
+    build(&dir, compact_after, false);
+    let name = files_named(&dir, what).pop().expect("a file to damage");
+    let mut bytes = fs::read(dir.join(&name)).expect("read file");
     let len = bytes.len();
-    // Found by the corrupt_files fuzz target: a header of record type 11 (a
-    // recycled-log type) after the log's records. RocksDB's reader reports it
-    // as bad without consuming it, forever.
-    bytes.extend_from_slice(&[11, 11, 11, 11, 11, 11, 11, 11, 11, b's']);
-    fs::write(dir.join(&log), &bytes).expect("append");
-    match open_within(dir.clone(), Duration::from_secs(60)) {
-        Err(Error::Corruption(message)) => {
-            assert!(message.contains(&log), "{message}");
-            assert!(message.contains(&format!("byte {len}")), "{message}");
-        }
-        other => panic!("expected Corruption, got {other:?}"),
-    }
-    // The remedy the message gives: cut the log where the damage starts.
-    bytes.truncate(len);
-    fs::write(dir.join(&log), &bytes).expect("truncate");
-    assert!(verify(&dir, "after the cut"));
-}
-
-#[test]
-fn garbage_that_traps_rocksdbs_manifest_reader_is_refused() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let dir = root.path().join("store");
-    build(&dir, Some(2), false);
-    let name = files_named(&dir, manifest).pop().expect("a MANIFEST");
-    let mut bytes = fs::read(dir.join(&name)).expect("read MANIFEST");
-    let len = bytes.len();
-    // Found by corrupt_files: the MANIFEST is read by the same log reader.
-    bytes.extend_from_slice(&[193, 193, 193, 193, 193, 193, 11, 37, 193, 193]);
+    bytes.extend_from_slice(garbage);
     fs::write(dir.join(&name), &bytes).expect("append");
     match open_within(dir.clone(), Duration::from_secs(60)) {
         Err(Error::Corruption(message)) => {
@@ -273,6 +249,24 @@ fn garbage_that_traps_rocksdbs_manifest_reader_is_refused() {
     bytes.truncate(len);
     fs::write(dir.join(&name), &bytes).expect("truncate");
     assert!(verify(&dir, "after the cut"));
+}
+
+#[test]
+fn garbage_that_traps_rocksdbs_log_reader_is_refused() {
+    // Found by the corrupt_files fuzz target: a header of record type 11 (a
+    // recycled-log type) after the log's records. RocksDB's reader reports it
+    // as bad without consuming it, forever.
+    refuses_reader_trap(None, wal, &[11, 11, 11, 11, 11, 11, 11, 11, 11, b's']);
+}
+
+#[test]
+fn garbage_that_traps_rocksdbs_manifest_reader_is_refused() {
+    // Found by corrupt_files: the MANIFEST is read by the same log reader.
+    refuses_reader_trap(
+        Some(2),
+        manifest,
+        &[193, 193, 193, 193, 193, 193, 11, 37, 193, 193],
+    );
 }
 
 #[test]
