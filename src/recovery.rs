@@ -186,6 +186,15 @@ pub(crate) fn partition_cf_options(
     // of a batch's cost; its depth grows with the memtable. Measured with the
     // comparison harness (2 M messages): 64 MiB ~2 000 ns/msg, 4 MiB ~1 400.
     o.set_write_buffer_size(4 << 20);
+    // Universal compaction: marks are random keys with no locality, so
+    // leveled compaction rewrites each one once per level as the store
+    // grows. Measured with `examples/scale` (100 M keys, one consumer, run
+    // by run on the same machine): the million messages at 100 M keys stored
+    // cost 1.64x those at 1 M (1 630 against 997 ns/msg) against 1.89x for
+    // leveled (1 851 against 979), with 14 % less CPU. Expired marks are
+    // still dropped: universal compaction merges every sorted run once the
+    // size amplification passes its bound, and `compact` is a full merge.
+    o.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
     let mut table = BlockBasedOptions::default();
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
