@@ -88,7 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut batch = store.batch(p)?;
             for _ in 0..POLL_BATCH {
                 let r = rng.next();
-                let id = if r % 100 == 0 && next_id > 10_000 {
+                let id = if r.is_multiple_of(100) && next_id > 10_000 {
                     next_id - 1 - (r >> 8) % 10_000
                 } else {
                     next_id += 1;
@@ -102,7 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             batch.set_offset(offsets[i]);
             batch.commit()?;
             sent += POLL_BATCH as u64;
-            if sent % SEGMENT == 0 {
+            if sent.is_multiple_of(SEGMENT) {
                 let wall = segment_start.elapsed().as_nanos() as f64 / SEGMENT as f64;
                 let cpu = match (segment_cpu, cpu_time()) {
                     (Some(a), Some(b)) => (b - a).as_nanos() as f64 / SEGMENT as f64,
@@ -112,7 +112,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     first_segment = Some((stored, wall, cpu));
                 }
                 last_segment = Some((stored, wall, cpu));
-                if sent % report_every == 0 || sent == 2 * SEGMENT {
+                if sent.is_multiple_of(report_every) || sent == 2 * SEGMENT {
                     println!("{sent:>12} {stored:>12} {wall:>10.0} {cpu:>10.0}");
                 }
                 (segment_start, segment_cpu) = (Instant::now(), cpu_time());
