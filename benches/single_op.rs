@@ -1,10 +1,12 @@
 //! The single-operation path: `check` and `check_and_mark` of new keys and
-//! of duplicates, on a store holding 1 M keys.
+//! of duplicates, on a store holding 1 M keys; and what durability costs per
+//! write: `sync()` after a mark (one log fsync plus the durability ledger's
+//! update) against a mark under `Durability::Sync` (one log fsync).
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use exactly::{Options, Partition, Store};
+use exactly::{Durability, Options, Partition, Store};
 
 fn key(i: u64) -> [u8; 16] {
     let mut k = [0u8; 16];
@@ -60,6 +62,33 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             d = (d + 7_919) % stored;
             store.check_and_mark(&p, &key(d)).unwrap()
+        })
+    });
+    let mut s = u64::MAX / 2;
+    g.bench_function("check_and_mark+sync/new", |b| {
+        b.iter(|| {
+            s += 1;
+            store.check_and_mark(&p, &key(s)).unwrap();
+            store.sync().unwrap()
+        })
+    });
+    g.finish();
+
+    let sync_dir = tempfile::tempdir().unwrap();
+    let synced = Store::open(
+        sync_dir.path(),
+        Options::default()
+            .ttl(Duration::from_secs(24 * 3600))
+            .durability(Durability::Sync),
+    )
+    .unwrap();
+    synced.assign(&p).unwrap();
+    let mut g = c.benchmark_group("single_op");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("check_and_mark/new/durability_sync", |b| {
+        b.iter(|| {
+            s += 1;
+            synced.check_and_mark(&p, &key(s)).unwrap()
         })
     });
     g.finish();
