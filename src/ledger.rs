@@ -10,7 +10,8 @@
 //! durable (after `open`, at each `sync()` and at `close`) it records:
 //!
 //! * `sequence`: RocksDB's last sequence number, read *before* the log is
-//!   fsynced, so every write up to it is durable;
+//!   fsynced, so every write up to it is durable (at `sync()` and `close`
+//!   only: after `open` it stays as it was);
 //! * `manifest`, `manifest_len` and `manifest_xxh3`: the number of the live
 //!   `MANIFEST` file, its length and the XXH3-64 of those bytes, read and
 //!   then fsynced.

@@ -132,9 +132,10 @@ pub(crate) fn check_after_open(
     recovered_sequence: u64,
 ) -> Result<Ledger> {
     ledger.check_sequence(recovered_sequence)?;
-    // Recovery flushed or kept the logs it replayed; either way what it
-    // recovered is on disk.
-    let next = ledger.durable_now(path, recovered_sequence);
+    // The sequence floor only rises at `sync()` and `close()`, after a log
+    // fsync: what recovery replayed may have come from logs the previous
+    // process never fsynced. The new MANIFEST is recorded now.
+    let next = ledger.durable_now(path, ledger.sequence);
     if next != ledger || !manifest.ledger_required {
         next.write(path)?;
     }
