@@ -291,6 +291,10 @@ impl<'s> Batch<'s> {
         if let Some(t) = event_time {
             shard.advance_event_time(t, self.store.lateness_millis());
         }
+        // Best effort: the batch is committed whatever this does. If the
+        // ledger cannot be written, compaction keeps judging expiry at the
+        // last recorded time, and the next commit tries again.
+        let _ = self.store.record_time_if_stale();
         Ok(())
     }
 

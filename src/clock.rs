@@ -76,11 +76,19 @@ impl Clock for ManualClock {
     }
 }
 
-/// The store's view of time: the injected clock, made monotonic.
+/// The store's view of time: the injected clock, made monotonic, also across
+/// restarts.
+///
+/// Reads judge expiry at [`now`](Self::now). Compaction, which deletes, judges
+/// it at [`compaction_now`](Self::compaction_now): never later than the time
+/// last recorded in the durability ledger. After a restart the keeper starts
+/// at that recorded time, so a clock that steps back across a restart never
+/// finds a mark deleted "in its future" while marks of the same age survive.
 #[derive(Debug)]
 pub(crate) struct TimeKeeper {
     clock: Arc<dyn Clock>,
     high_water: AtomicU64,
+    durable: AtomicU64,
 }
 
 impl TimeKeeper {
@@ -88,6 +96,7 @@ impl TimeKeeper {
         Self {
             clock,
             high_water: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
         }
     }
 
@@ -96,6 +105,29 @@ impl TimeKeeper {
         let reading = self.clock.now_millis();
         let previous = self.high_water.fetch_max(reading, Ordering::AcqRel);
         previous.max(reading)
+    }
+
+    /// Starts from a time recorded durably by an earlier run: `now` never
+    /// answers less.
+    pub(crate) fn start_at(&self, recorded: u64) {
+        self.high_water.fetch_max(recorded, Ordering::AcqRel);
+        self.durable.fetch_max(recorded, Ordering::AcqRel);
+    }
+
+    /// The time last recorded durably.
+    pub(crate) fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Call once `recorded` is durable.
+    pub(crate) fn set_durable(&self, recorded: u64) {
+        self.durable.fetch_max(recorded, Ordering::AcqRel);
+    }
+
+    /// The time compaction judges expiry at: now, but never past the time
+    /// recorded durably.
+    pub(crate) fn compaction_now(&self) -> u64 {
+        self.now().min(self.durable())
     }
 }
 
@@ -112,6 +144,28 @@ mod tests {
         assert_eq!(keeper.now(), 10_000);
         clock.advance(Duration::from_millis(6_000));
         assert_eq!(keeper.now(), 11_000);
+    }
+
+    #[test]
+    fn compaction_never_runs_ahead_of_the_recorded_time() {
+        let clock = ManualClock::new(10_000);
+        let keeper = TimeKeeper::new(Arc::new(clock.clone()));
+        assert_eq!(keeper.compaction_now(), 0, "nothing recorded yet");
+        keeper.set_durable(keeper.now());
+        clock.advance(Duration::from_millis(5_000));
+        assert_eq!((keeper.now(), keeper.compaction_now()), (15_000, 10_000));
+        keeper.set_durable(keeper.now());
+        assert_eq!(keeper.compaction_now(), 15_000);
+    }
+
+    #[test]
+    fn a_restarted_keeper_starts_at_the_recorded_time() {
+        let clock = ManualClock::new(5_000);
+        let keeper = TimeKeeper::new(Arc::new(clock.clone()));
+        keeper.start_at(20_000);
+        assert_eq!((keeper.now(), keeper.compaction_now()), (20_000, 20_000));
+        clock.set(30_000);
+        assert_eq!((keeper.now(), keeper.compaction_now()), (30_000, 20_000));
     }
 
     #[test]

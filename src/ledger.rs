@@ -12,6 +12,9 @@
 //! * `sequence`: RocksDB's last sequence number, read *before* the log is
 //!   fsynced, so every write up to it is durable (at `sync()` and `close`
 //!   only: after `open` it stays as it was);
+//! * `clock`: the store's time (ms). A restarted store's time starts there,
+//!   and compaction never judges expiry later than it; see
+//!   [`TimeKeeper`](crate::clock::TimeKeeper);
 //! * `manifest`, `manifest_len` and `manifest_xxh3`: the number of the live
 //!   `MANIFEST` file, its length and the XXH3-64 of those bytes, read and
 //!   then fsynced.
@@ -33,6 +36,7 @@
 //! ```text
 //! exactly ledger
 //! sequence = 1234
+//! clock = 1767225600000
 //! manifest = 22
 //! manifest_len = 688
 //! manifest_xxh3 = 0123456789abcdef
@@ -57,6 +61,7 @@ const HEADER: &str = "exactly ledger";
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Ledger {
     pub(crate) sequence: u64,
+    pub(crate) clock: u64,
     pub(crate) manifest: u64,
     pub(crate) manifest_len: u64,
     pub(crate) manifest_xxh3: u64,
@@ -65,8 +70,8 @@ pub(crate) struct Ledger {
 impl Ledger {
     fn encode(&self) -> String {
         seal(&format!(
-            "{HEADER}\nsequence = {}\nmanifest = {}\nmanifest_len = {}\nmanifest_xxh3 = {:016x}\n",
-            self.sequence, self.manifest, self.manifest_len, self.manifest_xxh3
+            "{HEADER}\nsequence = {}\nclock = {}\nmanifest = {}\nmanifest_len = {}\nmanifest_xxh3 = {:016x}\n",
+            self.sequence, self.clock, self.manifest, self.manifest_len, self.manifest_xxh3
         ))
     }
 
@@ -84,6 +89,7 @@ impl Ledger {
         };
         Ok(Self {
             sequence: field("sequence", 10)?,
+            clock: field("clock", 10)?,
             manifest: field("manifest", 10)?,
             manifest_len: field("manifest_len", 10)?,
             manifest_xxh3: field("manifest_xxh3", 16)?,
@@ -157,12 +163,13 @@ impl Ledger {
     }
 
     /// What is durable now: `sequence` (read by the caller before it fsynced
-    /// the log) and the live `MANIFEST`, read and then fsynced. If the
-    /// `MANIFEST` cannot be read (RocksDB may just have replaced it), the
-    /// previous ledger's values are kept: they remain true.
-    pub(crate) fn durable_now(&self, dir: &Path, sequence: u64) -> Self {
+    /// the log), the store's time `clock`, and the live `MANIFEST`, read and
+    /// then fsynced. If the `MANIFEST` cannot be read (RocksDB may just have
+    /// replaced it), the previous ledger's values are kept: they remain true.
+    pub(crate) fn durable_now(&self, dir: &Path, sequence: u64, clock: u64) -> Self {
         let mut next = Self {
             sequence: sequence.max(self.sequence),
+            clock: clock.max(self.clock),
             ..*self
         };
         // Read (and hash) the MANIFEST only when it grew since the last time.
@@ -216,6 +223,7 @@ mod tests {
     fn ledger() -> Ledger {
         Ledger {
             sequence: 1234,
+            clock: 1_767_225_600_000,
             manifest: 22,
             manifest_len: 688,
             manifest_xxh3: xxh3_64(&[7u8; 688]),
@@ -299,15 +307,16 @@ mod tests {
     fn durable_now_only_moves_forward() {
         let l = ledger();
         let dir = dir_with_manifest(22, 900);
-        let next = l.durable_now(dir.path(), 2000);
+        let next = l.durable_now(dir.path(), 2000, 1_767_225_700_000);
         assert_eq!(
-            (next.sequence, next.manifest, next.manifest_len),
-            (2000, 22, 900)
+            (next.sequence, next.clock, next.manifest, next.manifest_len),
+            (2000, 1_767_225_700_000, 22, 900)
         );
-        let back = next.durable_now(dir_with_manifest(21, 9000).path(), 10);
+        assert_eq!(next.manifest_xxh3, xxh3_64(&[7u8; 900]));
+        let back = next.durable_now(dir_with_manifest(21, 9000).path(), 10, 5);
         assert_eq!(
             back, next,
-            "an older manifest or sequence never lowers the ledger"
+            "an older manifest, sequence or time never lowers the ledger"
         );
         let write_dir = tempfile::tempdir().unwrap();
         next.write(write_dir.path()).unwrap();

@@ -130,12 +130,13 @@ pub(crate) fn check_after_open(
     manifest: &Manifest,
     ledger: Ledger,
     recovered_sequence: u64,
+    clock: u64,
 ) -> Result<Ledger> {
     ledger.check_sequence(recovered_sequence)?;
     // The sequence floor only rises at `sync()` and `close()`, after a log
     // fsync: what recovery replayed may have come from logs the previous
     // process never fsynced. The new MANIFEST is recorded now.
-    let next = ledger.durable_now(path, ledger.sequence);
+    let next = ledger.durable_now(path, ledger.sequence, clock);
     if next != ledger || !manifest.ledger_required {
         next.write(path)?;
     }

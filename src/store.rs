@@ -118,8 +118,8 @@ impl Store {
         let path = path.as_ref().to_path_buf();
         let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
         let ledger = check_before_open(&path, &manifest)?;
-
         let time = Arc::new(TimeKeeper::new(options.clock.clone()));
+        time.start_at(ledger.clock);
         let mut db_options = db_options();
         let has_current = path.join("CURRENT").exists();
         let existing = if has_current {
@@ -151,7 +151,14 @@ impl Store {
         }
         let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
             .map_err(|e| Error::storage(e, &path))?;
-        let ledger = check_after_open(&path, &manifest, ledger, db.latest_sequence_number())?;
+        let ledger = check_after_open(
+            &path,
+            &manifest,
+            ledger,
+            db.latest_sequence_number(),
+            time.now(),
+        )?;
+        time.set_durable(ledger.clock);
 
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.durability == Durability::Sync);
@@ -511,11 +518,32 @@ impl Store {
         // Read before the fsync: every write up to it is then durable.
         let sequence = self.db.latest_sequence_number();
         self.db.flush_wal(true).map_err(|e| self.storage(e))?;
+        self.record(sequence)
+    }
+
+    /// Writes the ledger if anything in it grew: `sequence` (durable, read
+    /// before a log fsync) and the store's time now; then lets compaction
+    /// use that time.
+    fn record(&self, sequence: u64) -> Result<()> {
         let mut ledger = self.ledger.lock();
-        let next = ledger.durable_now(&self.path, sequence);
+        let next = ledger.durable_now(&self.path, sequence, self.now());
         if next != *ledger {
             next.write(&self.path)?;
             *ledger = next;
+        }
+        self.time.set_durable(next.clock);
+        Ok(())
+    }
+
+    /// Records the store's time in the ledger once it is more than a quarter
+    /// TTL (and at least a second) past the recorded one, so that compaction,
+    /// which never judges expiry past the recorded time, keeps dropping
+    /// expired marks in a store that is never synced. Called after writes.
+    pub(crate) fn record_time_if_stale(&self) -> Result<()> {
+        let lag = (self.ttl_millis / 4).max(1_000);
+        if self.now() > self.time.durable().saturating_add(lag) {
+            let sequence = self.ledger.lock().sequence;
+            self.record(sequence)?;
         }
         Ok(())
     }
@@ -526,6 +554,8 @@ impl Store {
     pub fn compact(&self, partition: &Partition) -> Result<()> {
         let shard = self.shard(partition)?;
         let cf = self.cf(&shard)?;
+        // Expiry is judged at the time the ledger records: record now first.
+        self.sync()?;
         self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
         self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
         Ok(())

@@ -151,8 +151,9 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
     type Filter = ExpiryFilter;
 
     fn create(&mut self, _context: CompactionFilterContext) -> ExpiryFilter {
-        // One reading per compaction: every entry is judged at the same time.
-        let clock_now = self.time.now();
+        // One reading per compaction: every entry is judged at the same time,
+        // never later than the time the ledger recorded durably.
+        let clock_now = self.time.compaction_now();
         let partition_now = match self.domain {
             TimeDomain::ProcessingTime => clock_now,
             TimeDomain::EventTime => self.shared.watermark.load(Ordering::Acquire),

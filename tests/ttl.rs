@@ -4,8 +4,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{open, orders, TTL};
-use exactly::Verdict;
+use common::{open, options, orders, T0, TTL};
+use exactly::{ManualClock, Store, Verdict};
 
 #[test]
 fn a_key_is_a_duplicate_exactly_until_its_ttl_runs_out() {
@@ -164,4 +164,39 @@ fn the_filter_stays_accurate_over_ten_ttls_of_steady_traffic() {
         store.check(&p, format!("m-{last}").as_bytes()).unwrap(),
         Verdict::Duplicate
     );
+}
+
+#[test]
+fn a_clock_stepping_back_across_a_restart_keeps_answers_consistent() {
+    // Two marks of the same age in two partitions; only one partition is
+    // compacted after they expire. A clock that steps back across a restart
+    // must not see one as expired (its mark compacted away) and the other as
+    // live: the store's time resumes where it was recorded.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let (compacted, kept) = (orders(0), orders(1));
+    store.assign(&compacted).unwrap();
+    store.assign(&kept).unwrap();
+    store.mark(&compacted, b"a").unwrap();
+    store.mark(&kept, b"c").unwrap();
+    clock.advance(2 * TTL);
+    store.compact(&compacted).unwrap();
+    assert!(store.stats().partitions[&compacted].expired_dropped >= 1);
+    store.close().unwrap();
+
+    let stepped_back = ManualClock::new(T0 + TTL.as_millis() as u64 / 2);
+    let store = Store::open(dir.path(), options(&stepped_back)).unwrap();
+    store.assign(&compacted).unwrap();
+    store.assign(&kept).unwrap();
+    assert_eq!(store.check(&compacted, b"a").unwrap(), Verdict::New);
+    assert_eq!(
+        store.check(&kept, b"c").unwrap(),
+        Verdict::New,
+        "the kept mark expired by the store's recorded time"
+    );
+    // A key marked now lives a full TTL from the store's time, not the
+    // clock's: it is still a duplicate when the clock catches up.
+    store.mark(&kept, b"d").unwrap();
+    stepped_back.set(T0 + 2 * TTL.as_millis() as u64 + TTL.as_millis() as u64 - 1);
+    assert_eq!(store.check(&kept, b"d").unwrap(), Verdict::Duplicate);
 }
