@@ -542,10 +542,16 @@ impl Store {
     pub(crate) fn record_time_if_stale(&self) -> Result<()> {
         let lag = (self.ttl_millis / 4).max(1_000);
         if self.now() > self.time.durable().saturating_add(lag) {
-            let sequence = self.ledger.lock().sequence;
-            self.record(sequence)?;
+            self.record_time()?;
         }
         Ok(())
+    }
+
+    /// Records the store's time in the ledger, leaving its sequence floor
+    /// (raised only after a log fsync) as it is.
+    fn record_time(&self) -> Result<()> {
+        let sequence = self.ledger.lock().sequence;
+        self.record(sequence)
     }
 
     /// Runs a full compaction of the partition now, dropping its expired
@@ -555,7 +561,7 @@ impl Store {
         let shard = self.shard(partition)?;
         let cf = self.cf(&shard)?;
         // Expiry is judged at the time the ledger records: record now first.
-        self.sync()?;
+        self.record_time()?;
         self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
         self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
         Ok(())
