@@ -7,23 +7,31 @@ use std::io;
 use std::path::Path;
 
 /// Copies every regular file of directory `from` into a new directory `to`
-/// (a store directory is flat). A file that disappears while the copy runs
-/// (RocksDB deleting an obsolete file) is skipped, as if it had been deleted
-/// just before.
+/// as one consistent snapshot, as a power cut or a crash would leave it: if
+/// RocksDB's background work (a flush or compaction installing or deleting
+/// files) changed the directory while the copy ran, the copy is made again.
+/// Subdirectories (filter snapshots) are not copied; a store rebuilds them.
 pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        if !entry.file_type()?.is_file() {
-            continue;
+    for _ in 0..100 {
+        let before = file_lengths(from)?;
+        if to.exists() {
+            fs::remove_dir_all(to)?;
         }
-        match fs::copy(entry.path(), to.join(entry.file_name())) {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        fs::create_dir_all(to)?;
+        for name in before.keys() {
+            match fs::copy(from.join(name), to.join(name)) {
+                Ok(_) => {}
+                // Deleted meanwhile: the listing below differs, so retry.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
+        if file_lengths(from)? == before {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    Ok(())
+    Err(io::Error::other("the store directory kept changing during the copy"))
 }
 
 /// The length of every regular file in `dir`, by name.
