@@ -13,25 +13,34 @@ use std::path::Path;
 /// Subdirectories (filter snapshots) are not copied; a store rebuilds them.
 pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
     for _ in 0..100 {
-        let before = file_lengths(from)?;
-        if to.exists() {
-            fs::remove_dir_all(to)?;
-        }
-        fs::create_dir_all(to)?;
-        for name in before.keys() {
-            match fs::copy(from.join(name), to.join(name)) {
-                Ok(_) => {}
-                // Deleted meanwhile: the listing below differs, so retry.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if file_lengths(from)? == before {
-            return Ok(());
+        match copy_once(from, to) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // libFuzzer's timeout alarm can interrupt a copy: try again.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     Err(io::Error::other("the store directory kept changing during the copy"))
+}
+
+/// One attempt: whether the directory stayed the same while it was copied.
+fn copy_once(from: &Path, to: &Path) -> io::Result<bool> {
+    let before = file_lengths(from)?;
+    if to.exists() {
+        fs::remove_dir_all(to)?;
+    }
+    fs::create_dir_all(to)?;
+    for name in before.keys() {
+        match fs::copy(from.join(name), to.join(name)) {
+            Ok(_) => {}
+            // Deleted meanwhile: the listing below differs.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(file_lengths(from)? == before)
 }
 
 /// The length of every regular file in `dir`, by name.
