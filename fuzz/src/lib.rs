@@ -43,14 +43,20 @@ fn copy_once(from: &Path, to: &Path) -> io::Result<bool> {
     Ok(file_lengths(from)? == before)
 }
 
-/// The length of every regular file in `dir`, by name.
+/// The length of every regular file in `dir`, by name. A file RocksDB
+/// deletes while the listing runs is left out, as if deleted just before.
 pub fn file_lengths(dir: &Path) -> io::Result<BTreeMap<String, u64>> {
     let mut lengths = BTreeMap::new();
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_file() {
+        let metadata = match entry.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if metadata.is_file() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            lengths.insert(name, entry.metadata()?.len());
+            lengths.insert(name, metadata.len());
         }
     }
     Ok(lengths)
