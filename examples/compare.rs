@@ -20,31 +20,13 @@ use std::time::{Duration, Instant};
 
 use exactly::{Options, Partition, Store, Verdict};
 
+mod common;
+use common::{cpu_time, key, Rng};
+
 const PARTITIONS: usize = 8;
 const BATCH: usize = 1_000;
 const RECENT: usize = 100_000;
 const REPLAY: usize = 100_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-/// A 16-byte key for message id `id`, spread over the key space.
-fn key(id: u64) -> [u8; 16] {
-    let a = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (id >> 29);
-    let b = a.rotate_left(31).wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ id;
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&a.to_le_bytes());
-    k[8..].copy_from_slice(&b.to_le_bytes());
-    k
-}
 
 /// A poll batch: a partition and its messages' keys.
 type PollBatch = (usize, Vec<[u8; 16]>);
@@ -110,20 +92,6 @@ struct Row {
     /// Per-message latencies in ns, sampled (batch rows: batch time / size).
     samples: Vec<u64>,
     rss_delta: i64,
-}
-
-fn cpu_time() -> Duration {
-    // utime + stime of the whole process (all threads), in clock ticks.
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields.get(11).and_then(|s| s.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    Duration::from_millis(ticks * 10)
 }
 
 fn rss_bytes() -> i64 {

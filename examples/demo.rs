@@ -12,33 +12,15 @@ use std::time::{Duration, Instant};
 
 use exactly::{Options, Partition, Store, Verdict};
 
+mod common;
+use common::Rng;
+
 const PARTITIONS: i32 = 8;
 const POLL_BATCH: usize = 500;
 const REDELIVERY_PERCENT: u64 = 1;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let messages: u64 = args
-        .next()
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
-    let scratch = tempfile::tempdir()?;
-    let path = args
-        .next()
-        .map_or_else(|| scratch.path().join("store"), Into::into);
+    let (messages, path, _scratch) = common::messages_and_dir(1_000_000)?;
 
     let options = Options::default()
         .ttl(Duration::from_secs(24 * 3600))

@@ -17,49 +17,15 @@ use std::time::{Duration, Instant};
 
 use exactly::{Options, Partition, Store, Verdict};
 
+mod common;
+use common::{cpu_time, key, Rng};
+
 const PARTITIONS: i32 = 8;
 const POLL_BATCH: usize = 1_000;
 const SEGMENT: u64 = 1_000_000;
 
-/// A small deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-fn key(id: u64) -> [u8; 16] {
-    let mut k = [0u8; 16];
-    k[..8].copy_from_slice(&id.to_le_bytes());
-    k[8..].copy_from_slice(&id.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
-    k
-}
-
-/// User plus system CPU time of this process (Linux), if readable.
-fn cpu_time() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // The kernel's USER_HZ is 100 on every mainstream Linux configuration.
-    Some(Duration::from_millis(ticks * 10))
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let messages: u64 = args
-        .next()
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(10_000_000);
-    let scratch = tempfile::tempdir()?;
-    let path = args
-        .next()
-        .map_or_else(|| scratch.path().join("store"), Into::into);
+    let (messages, path, _scratch) = common::messages_and_dir(10_000_000)?;
     let options = Options::default()
         .ttl(Duration::from_secs(7 * 24 * 3600))
         .expected_keys_per_partition((messages / PARTITIONS as u64).max(1_000) as usize);
@@ -104,10 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             sent += POLL_BATCH as u64;
             if sent.is_multiple_of(SEGMENT) {
                 let wall = segment_start.elapsed().as_nanos() as f64 / SEGMENT as f64;
-                let cpu = match (segment_cpu, cpu_time()) {
-                    (Some(a), Some(b)) => (b - a).as_nanos() as f64 / SEGMENT as f64,
-                    _ => f64::NAN,
-                };
+                let cpu = cpu_time().saturating_sub(segment_cpu).as_nanos() as f64 / SEGMENT as f64;
                 if first_segment.is_none() && sent >= 2 * SEGMENT {
                     first_segment = Some((stored, wall, cpu));
                 }
