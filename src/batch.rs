@@ -8,11 +8,11 @@ use std::time::Duration;
 use rocksdb::{BoundColumnFamily, WriteBatch};
 
 use crate::claim::{next_token, Claim, ClaimToken};
-use crate::config::{TimeDomain, TtlRefresh, MAX_TTL};
+use crate::config::{Durability, TimeDomain, TtlRefresh, MAX_TTL};
 use crate::error::{Error, Result};
 use crate::shard::{
     encode_offset, mark_key, Counters, Shard, Verdict, WriterGuard, EPOCH_KEY, EVENT_TIME_KEY,
-    OFFSET_KEY,
+    OFFSET_KEY, WATERMARK_KEY,
 };
 use crate::snapshot::SNAPSHOT_KEY;
 use crate::store::Store;
@@ -134,7 +134,8 @@ impl<'s> Batch<'s> {
     /// Turns an acquired claim into a processed mark (its TTL starts now).
     ///
     /// A claim whose lease ran out can still be confirmed while nobody else
-    /// claimed the key, for up to one TTL after the lease.
+    /// claimed the key, for up to the claim grace after the lease: the TTL
+    /// the store was created with (fixed, whatever `ttl` later opens use).
     ///
     /// Errors: [`Error::Fenced`] if the partition has a newer epoch than the
     /// claim's; [`Error::ClaimLost`] if the claim was released, or its lease
@@ -192,11 +193,24 @@ impl<'s> Batch<'s> {
     /// On error nothing of the batch is applied.
     pub fn commit(self) -> Result<()> {
         let shard = self.shard.clone();
+        // Under the write lock: the epoch cannot change until this returns.
+        let current = shard.epoch();
         if let Some(epoch) = self.fence {
-            if epoch != shard.epoch() {
+            if epoch != current {
                 return Err(Error::Fenced {
                     partition: shard.partition.clone(),
-                    current: shard.epoch(),
+                    current,
+                    attempted: epoch,
+                });
+            }
+        }
+        if let Some(epoch) = self.new_epoch {
+            // Checked here, under the lock, and not only by the caller: two
+            // `assign_with_epoch` racing must not both win.
+            if epoch < current {
+                return Err(Error::Fenced {
+                    partition: shard.partition.clone(),
+                    current,
                     attempted: epoch,
                 });
             }
@@ -231,8 +245,18 @@ impl<'s> Batch<'s> {
             write.put_cf(&self.cf, EPOCH_KEY, epoch.to_be_bytes());
         }
         let event_time = self.max_event_time.filter(|&t| t > shard.event_time());
-        if let Some(t) = event_time {
+        let watermark = event_time.map(|t| {
+            t.saturating_sub(self.store.lateness_millis())
+                .max(shard.watermark())
+        });
+        if let (Some(t), Some(w)) = (event_time, watermark) {
             write.put_cf(&self.cf, EVENT_TIME_KEY, t.to_be_bytes());
+            // The watermark is stored with the event time, in the same write:
+            // it never goes backwards, whatever `allowed_lateness` a later
+            // open is given.
+            if w > shard.watermark() {
+                write.put_cf(&self.cf, WATERMARK_KEY, w.to_be_bytes());
+            }
         }
         if write.is_empty() {
             return Ok(());
@@ -288,8 +312,12 @@ impl<'s> Batch<'s> {
         if let Some(epoch) = self.new_epoch {
             shard.set_epoch(epoch);
         }
-        if let Some(t) = event_time {
-            shard.advance_event_time(t, self.store.lateness_millis());
+        if let (Some(t), Some(w)) = (event_time, watermark) {
+            shard.advance_event_time(t, w);
+            if self.store.durability() == Durability::Sync {
+                // This write was fsynced: compaction may judge at it.
+                shard.make_watermark_durable(w);
+            }
         }
         // Best effort: the batch is committed whatever this does. If the
         // ledger cannot be written, compaction keeps judging expiry at the
@@ -416,12 +444,13 @@ impl<'s> Batch<'s> {
             Some(staged) => staged.entry,
             None => self.store.read_entry(&self.cf, &token.stored_key)?,
         };
-        let ttl_ms = self.store.ttl_millis();
+        let grace_ms = self.store.claim_grace_millis();
         match entry {
             // Still ours, even if the lease ran out, while nobody took it over
-            // and for one TTL after the lease (then compaction may drop it).
+            // and for the claim grace after the lease (then compaction may
+            // drop it).
             Some(e @ Entry::Claimed { token: t, .. })
-                if t == token.token && e.is_retained(0, self.store.now(), ttl_ms) =>
+                if t == token.token && e.is_retained(0, self.store.now(), grace_ms) =>
             {
                 Ok(())
             }
@@ -442,13 +471,7 @@ impl<'s> Batch<'s> {
     /// One reading of the clock, and the partition's time derived from it.
     fn times(&self) -> Now {
         let clock = self.store.now();
-        let partition = match self.store.time_domain() {
-            TimeDomain::ProcessingTime => clock,
-            TimeDomain::EventTime => self
-                .shard
-                .event_time()
-                .saturating_sub(self.store.lateness_millis()),
-        };
+        let partition = self.shard.partition_now(self.store.time_domain(), clock);
         Now { clock, partition }
     }
 }

@@ -106,7 +106,7 @@ pub(crate) const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 ///
 /// | option | default | fixed at creation? |
 /// |---|---|---|
-/// | [`ttl`](Self::ttl) | 7 days | no: applies to marks made after reopen |
+/// | [`ttl`](Self::ttl) | 7 days | no: applies to marks made after reopen; the claim grace stays the TTL of creation |
 /// | [`expected_keys_per_partition`](Self::expected_keys_per_partition) | 1 000 000 | no: sizes in-memory filters |
 /// | [`bloom_fp_rate`](Self::bloom_fp_rate) | 0.01 | no: sizes in-memory filters |
 /// | [`durability`](Self::durability) | [`Durability::Buffered`] | no |
@@ -115,7 +115,7 @@ pub(crate) const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// | [`key_mode`](Self::key_mode) | [`KeyMode::Raw`] | **yes** |
 /// | [`ttl_refresh`](Self::ttl_refresh) | [`TtlRefresh::FirstSeen`] | no |
 /// | [`time_domain`](Self::time_domain) | [`TimeDomain::ProcessingTime`] | **yes** |
-/// | [`allowed_lateness`](Self::allowed_lateness) | 0 | no |
+/// | [`allowed_lateness`](Self::allowed_lateness) | 0 | no: applies to later commits; the watermark never goes back |
 ///
 /// ```
 /// use std::time::Duration;
@@ -254,7 +254,9 @@ impl Options {
     /// Under [`TimeDomain::EventTime`], how far behind the highest committed
     /// event time the partition's watermark trails, so that late messages are
     /// still judged against marks that would otherwise have just expired.
-    /// Default: zero.
+    /// The watermark never goes backwards: reopening with a larger lateness
+    /// holds it where it was until event time catches up, since marks that
+    /// expired at it may already be compacted away. Default: zero.
     #[must_use]
     pub fn allowed_lateness(mut self, lateness: Duration) -> Self {
         self.allowed_lateness = lateness;

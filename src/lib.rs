@@ -59,6 +59,7 @@ mod error;
 pub mod kafka;
 mod ledger;
 mod manifest;
+mod membership;
 mod partition;
 mod recovery;
 mod shard;

@@ -7,6 +7,7 @@
 //! key_mode = raw
 //! time_domain = processing
 //! ledger = required
+//! claim_grace_ms = 604800000
 //! checksum = 0123456789abcdef
 //! ```
 //! The checksum is the XXH3-64 of the lines above it, so damage is detected
@@ -34,6 +35,12 @@ pub(crate) struct Manifest {
     /// must be present. Stores created before the ledger existed get one, and
     /// this flag, at their first open by a build that knows it.
     pub(crate) ledger_required: bool,
+    /// How long past its lease a claim stays on disk and can still be
+    /// confirmed: the TTL the store was created with, fixed from then on, so
+    /// that a later `ttl` never makes the answer depend on whether
+    /// compaction ran. Stores created before it existed get it (from the TTL
+    /// of that open) at their first open by a build that knows it.
+    pub(crate) claim_grace_ms: Option<u64>,
 }
 
 impl Manifest {
@@ -46,6 +53,9 @@ impl Manifest {
         );
         if self.ledger_required {
             body.push_str("ledger = required\n");
+        }
+        if let Some(grace) = self.claim_grace_ms {
+            body.push_str(&format!("claim_grace_ms = {grace}\n"));
         }
         body
     }
@@ -67,12 +77,16 @@ impl Manifest {
         // Absent in manifests written before time domains existed.
         let mut time_domain = Some(TimeDomain::ProcessingTime);
         let mut ledger_required = false;
+        let mut claim_grace_ms = None;
         for line in body.lines().skip(1) {
             match line.split_once(" = ") {
                 Some(("format_version", v)) => format_version = v.parse().ok(),
                 Some(("key_mode", v)) => key_mode = KeyMode::parse(v),
                 Some(("time_domain", v)) => time_domain = TimeDomain::parse(v),
                 Some(("ledger", v)) => ledger_required = v == "required",
+                Some(("claim_grace_ms", v)) => {
+                    claim_grace_ms = Some(v.parse().map_err(|_| corrupt("bad claim_grace_ms"))?);
+                }
                 // Unknown fields may come from a newer format; the version check decides.
                 _ => {}
             }
@@ -91,6 +105,7 @@ impl Manifest {
             key_mode,
             time_domain,
             ledger_required,
+            claim_grace_ms,
         }))
     }
 
@@ -127,6 +142,7 @@ mod tests {
             key_mode: KeyMode::Hashed,
             time_domain: TimeDomain::EventTime,
             ledger_required: true,
+            claim_grace_ms: Some(3_600_000),
         }
     }
 

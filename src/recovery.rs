@@ -79,6 +79,7 @@ pub(crate) fn prepare_dir(path: &Path, options: &Options) -> Result<Prepared> {
                 key_mode: options.key_mode,
                 time_domain: options.time_domain,
                 ledger_required: true,
+                claim_grace_ms: Some(options.ttl_millis()),
             };
             m.write(path)?;
             m
@@ -123,14 +124,16 @@ pub(crate) fn check_before_open(path: &Path, manifest: &Manifest) -> Result<Ledg
 }
 
 /// Checks what RocksDB recovered against the ledger, then records the
-/// recovered state as durable (and marks a store from before ledgers as
-/// requiring one from now on).
+/// recovered state as durable (and upgrades the manifest of a store from
+/// before ledgers or claim graces: it requires a ledger from now on, and
+/// keeps `claim_grace_ms`, the grace in force until now).
 pub(crate) fn check_after_open(
     path: &Path,
     manifest: &Manifest,
     ledger: Ledger,
     recovered_sequence: u64,
     clock: u64,
+    claim_grace_ms: u64,
 ) -> Result<Ledger> {
     ledger.check_sequence(recovered_sequence)?;
     // The sequence floor only rises at `sync()` and `close()`, after a log
@@ -140,9 +143,10 @@ pub(crate) fn check_after_open(
     if next != ledger || !manifest.ledger_required {
         next.write(path)?;
     }
-    if !manifest.ledger_required {
+    if !manifest.ledger_required || manifest.claim_grace_ms.is_none() {
         Manifest {
             ledger_required: true,
+            claim_grace_ms: Some(claim_grace_ms),
             ..*manifest
         }
         .write(path)?;
@@ -180,6 +184,7 @@ pub(crate) fn db_options() -> rocksdb::Options {
 pub(crate) fn partition_cf_options(
     time: Arc<TimeKeeper>,
     options: &Options,
+    claim_grace_ms: u64,
     shared: Arc<CfShared>,
 ) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
@@ -201,12 +206,6 @@ pub(crate) fn partition_cf_options(
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
     o.set_block_based_table_factory(&table);
-    install_compaction_filter(
-        &mut o,
-        time,
-        options.time_domain,
-        options.ttl_millis(),
-        shared,
-    );
+    install_compaction_filter(&mut o, time, options.time_domain, claim_grace_ms, shared);
     o
 }

@@ -10,7 +10,7 @@ use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::bloom::ExpiringFilter;
-use crate::config::KeyMode;
+use crate::config::{KeyMode, TimeDomain};
 use crate::error::{Error, Result};
 use crate::ttl::{CfShared, Entry};
 use crate::Partition;
@@ -25,6 +25,12 @@ pub(crate) const OFFSET_KEY: &[u8] = b"\x00offset";
 pub(crate) const EPOCH_KEY: &[u8] = b"\x00epoch";
 /// The key of the partition's highest committed event time (value: u64 BE).
 pub(crate) const EVENT_TIME_KEY: &[u8] = b"\x00event_time";
+/// The key of the partition's watermark (event-time stores; value: u64 BE):
+/// the highest `event_time - allowed_lateness` ever committed. Kept so that
+/// the watermark never goes backwards, even when a reopen raises
+/// `allowed_lateness`: compaction may already have dropped marks that
+/// expired at it. Absent in stores written before it existed.
+pub(crate) const WATERMARK_KEY: &[u8] = b"\x00watermark";
 
 /// The answer to "already processed?".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,6 +126,9 @@ pub(crate) struct ShardInit {
     pub(crate) offset: Option<i64>,
     pub(crate) epoch: u64,
     pub(crate) event_time: u64,
+    /// The watermark to start from: the stored one, or higher if the
+    /// options' lateness makes it so.
+    pub(crate) watermark: u64,
     pub(crate) filter: ExpiringFilter,
     pub(crate) claims: HashMap<Vec<u8>, Entry>,
 }
@@ -135,6 +144,8 @@ pub(crate) struct Shard {
     epoch: AtomicU64,
     /// Highest committed event time (event-time stores).
     event_time: AtomicU64,
+    /// The partition's watermark (event-time stores): never goes backwards.
+    watermark: AtomicU64,
     /// Marks: the Bloom front.
     pub(crate) filter: RwLock<ExpiringFilter>,
     /// Claims on disk, known exactly (there are few at a time).
@@ -162,6 +173,7 @@ impl Shard {
             offset: AtomicI64::new(init.offset.unwrap_or(NO_OFFSET)),
             epoch: AtomicU64::new(init.epoch),
             event_time: AtomicU64::new(init.event_time),
+            watermark: AtomicU64::new(init.watermark),
             filter: RwLock::new(init.filter),
             claim_count: AtomicUsize::new(init.claims.len()),
             claims: Mutex::new(init.claims),
@@ -202,13 +214,37 @@ impl Shard {
         self.event_time.load(Ordering::Acquire)
     }
 
-    /// Publishes a higher committed event time and the watermark derived from
-    /// it (for the compaction filter); call with the write lock held.
-    pub(crate) fn advance_event_time(&self, event_time: u64, lateness: u64) {
+    /// The partition's watermark (event-time stores).
+    pub(crate) fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+
+    /// "Now" for marks at clock time `clock`: the clock under processing
+    /// time, the partition's watermark under event time. The one place that
+    /// computes it.
+    pub(crate) fn partition_now(&self, domain: TimeDomain, clock: u64) -> u64 {
+        match domain {
+            TimeDomain::ProcessingTime => clock,
+            TimeDomain::EventTime => self.watermark(),
+        }
+    }
+
+    /// Publishes a higher committed event time and watermark; call with the
+    /// write lock held, after the write that stored them. The compaction
+    /// filter does not see the watermark until it is durable (see
+    /// [`make_watermark_durable`](Self::make_watermark_durable)).
+    pub(crate) fn advance_event_time(&self, event_time: u64, watermark: u64) {
         self.event_time.fetch_max(event_time, Ordering::AcqRel);
+        self.watermark.fetch_max(watermark, Ordering::AcqRel);
+    }
+
+    /// Lets compaction judge expiry at `watermark`, a watermark that a log
+    /// fsync has made durable (read before the fsync): compaction never drops
+    /// a mark at a watermark a power cut could take back.
+    pub(crate) fn make_watermark_durable(&self, watermark: u64) {
         self.cf_shared
             .watermark
-            .fetch_max(event_time.saturating_sub(lateness), Ordering::AcqRel);
+            .fetch_max(watermark, Ordering::AcqRel);
     }
 
     /// The live claim on `k`, if any.
@@ -248,6 +284,10 @@ impl Shard {
     /// Refuses (rather than deadlocks) when this thread holds the open batch,
     /// and refuses writes through a revoked shard.
     pub(crate) fn lock_writer(&self) -> Result<WriterGuard> {
+        debug_assert!(
+            !crate::membership::held(),
+            "lock order: a shard's write lock is never awaited while membership is held"
+        );
         if *self.holder.lock() == Some(thread::current().id()) {
             return Err(Error::BatchInProgress(self.partition.clone()));
         }

@@ -9,32 +9,67 @@
 //! the ids no longer match and the filter is rebuilt from disk. A file whose
 //! checksum does not match is never trusted either.
 //!
-//! File layout (`filters/<partition>.snap`, integers little-endian):
-//! `"EXSNAP01" ++ id: u64 ++ filter ++ claims: u64 ++ (key_len: u32 ++ key ++
-//! value_len: u32 ++ value)* ++ xxh3_64 of everything before: u64`.
+//! A snapshot also records the times it was taken at (the store's clock and
+//! the partition's time for marks). The filter has dropped the generations,
+//! and the claim table the claims, that had expired by then; a store that
+//! answers at an earlier time (its clock stepped back across a restart and
+//! the ledger recorded less, or a larger `allowed_lateness`) would miss
+//! them, so such a snapshot is not trusted: the filter is rebuilt from disk.
+//!
+//! File layout (`filters/<xxh3_128 of the column family name, hex>.snap`, a
+//! fixed 37-byte name whatever the topic; integers little-endian):
+//! `"EXSNAP02" ++ id: u64 ++ clock: u64 ++ partition_time: u64 ++ filter ++
+//! claims: u64 ++ (key_len: u32 ++ key ++ value_len: u32 ++ value)* ++
+//! xxh3_64 of everything before: u64`. Files of the first layout
+//! (`EXSNAP01`, named after the partition) are never read: the partition is
+//! rebuilt once.
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 
 use crate::bloom::ExpiringFilter;
 use crate::durable;
 use crate::error::{Error, Result};
 use crate::ttl::Entry;
 
-const MAGIC: &[u8; 8] = b"EXSNAP01";
+const MAGIC: &[u8; 8] = b"EXSNAP02";
 /// Directory of snapshot files inside the store.
 pub(crate) const SNAPSHOT_DIR: &str = "filters";
 /// The key holding the id of the partition's valid snapshot (value: u64 BE).
 pub(crate) const SNAPSHOT_KEY: &[u8] = b"\x00filter_snapshot";
 
-/// The snapshot file of the column family `cf_name`.
+/// The snapshot file of the column family `cf_name`. Named by a hash: a
+/// topic may be 249 characters, and a name derived from it could pass the
+/// file system's 255-byte limit.
 pub(crate) fn path(store_dir: &Path, cf_name: &str) -> PathBuf {
     store_dir
         .join(SNAPSHOT_DIR)
-        .join(format!("{}.snap", cf_name.replace('/', "~")))
+        .join(format!("{:032x}.snap", xxh3_128(cf_name.as_bytes())))
+}
+
+/// The file name builds before hashed names used, where it can exist.
+fn legacy_path(store_dir: &Path, cf_name: &str) -> Option<PathBuf> {
+    let name = format!("{}.snap", cf_name.replace('/', "~"));
+    (name.len() <= 255).then(|| store_dir.join(SNAPSHOT_DIR).join(name))
+}
+
+/// The times a snapshot was taken at: nothing in it expired later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Taken {
+    /// The store's clock (claims' leases).
+    pub(crate) clock: u64,
+    /// The partition's time for marks (the clock, or the watermark).
+    pub(crate) partition: u64,
+}
+
+/// A snapshot read back.
+pub(crate) struct Loaded {
+    pub(crate) filter: ExpiringFilter,
+    pub(crate) claims: HashMap<Vec<u8>, Entry>,
+    pub(crate) taken: Taken,
 }
 
 /// Writes a snapshot durably (temporary file, fsync, rename, fsync).
@@ -42,12 +77,15 @@ pub(crate) fn write(
     store_dir: &Path,
     cf_name: &str,
     id: u64,
+    taken: Taken,
     filter: &ExpiringFilter,
     claims: &HashMap<Vec<u8>, Entry>,
 ) -> Result<()> {
     let mut bytes = Vec::with_capacity(filter.memory_bytes() + 1024);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&id.to_le_bytes());
+    bytes.extend_from_slice(&taken.clock.to_le_bytes());
+    bytes.extend_from_slice(&taken.partition.to_le_bytes());
     filter.encode(&mut bytes);
     bytes.extend_from_slice(&(claims.len() as u64).to_le_bytes());
     for (k, e) in claims {
@@ -75,7 +113,7 @@ pub(crate) fn read(
     expected_live_keys: usize,
     fp_rate: f64,
     ttl_ms: u64,
-) -> Option<(ExpiringFilter, HashMap<Vec<u8>, Entry>)> {
+) -> Option<Loaded> {
     let bytes = fs::read(path(store_dir, cf_name)).ok()?;
     let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(8)?)?;
     if xxh3_64(body).to_le_bytes() != sum {
@@ -86,6 +124,12 @@ pub(crate) fn read(
     if stored_id != id.to_le_bytes() {
         return None;
     }
+    let (clock, rest) = rest.split_at_checked(8)?;
+    let (partition, rest) = rest.split_at_checked(8)?;
+    let taken = Taken {
+        clock: u64::from_le_bytes(clock.try_into().ok()?),
+        partition: u64::from_le_bytes(partition.try_into().ok()?),
+    };
     let (filter, used) = ExpiringFilter::decode(rest, expected_live_keys, fp_rate, ttl_ms)?;
     let mut rest = rest.get(used..)?;
     let mut take = |n: usize| -> Option<&[u8]> {
@@ -105,21 +149,48 @@ pub(crate) fn read(
     if !rest.is_empty() {
         return None;
     }
-    Some((filter, claims))
+    Some(Loaded {
+        filter,
+        claims,
+        taken,
+    })
 }
 
-/// Removes the snapshot file of `cf_name`, if any.
+/// Removes the snapshot file of `cf_name`, if any (and one of the legacy
+/// name, which is never read again).
 pub(crate) fn remove(store_dir: &Path, cf_name: &str) -> Result<()> {
-    let p = path(store_dir, cf_name);
-    match fs::remove_file(&p) {
+    let remove = |p: PathBuf| match fs::remove_file(&p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
         _ => Ok(()),
+    };
+    if let Some(legacy) = legacy_path(store_dir, cf_name) {
+        remove(legacy)?;
     }
+    remove(path(store_dir, cf_name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TAKEN: Taken = Taken {
+        clock: 1_234,
+        partition: 567,
+    };
+
+    #[test]
+    fn names_fit_any_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, claims) = sample();
+        let cf = format!("p/{}/2147483647", "t".repeat(249));
+        let file = path(dir.path(), &cf);
+        assert_eq!(file.file_name().unwrap().len(), 37);
+        assert_ne!(file, path(dir.path(), "p/t/0"));
+        write(dir.path(), &cf, 9, TAKEN, &f, &claims).unwrap();
+        assert!(read(dir.path(), &cf, 9, 100, 0.01, 1_000).is_some());
+        remove(dir.path(), &cf).unwrap();
+        assert!(!file.exists());
+    }
 
     fn sample() -> (ExpiringFilter, HashMap<Vec<u8>, Entry>) {
         let mut f = ExpiringFilter::new(100, 0.01, 1_000);
@@ -142,10 +213,11 @@ mod tests {
     fn round_trips_and_checks_the_id() {
         let dir = tempfile::tempdir().unwrap();
         let (f, claims) = sample();
-        write(dir.path(), "p/t/0", 42, &f, &claims).unwrap();
-        let (g, c) = read(dir.path(), "p/t/0", 42, 100, 0.01, 1_000).unwrap();
-        assert!((0..50u8).all(|i| g.may_contain(&[1, i], 0)));
-        assert_eq!(c, claims);
+        write(dir.path(), "p/t/0", 42, TAKEN, &f, &claims).unwrap();
+        let loaded = read(dir.path(), "p/t/0", 42, 100, 0.01, 1_000).unwrap();
+        assert!((0..50u8).all(|i| loaded.filter.may_contain(&[1, i], 0)));
+        assert_eq!(loaded.claims, claims);
+        assert_eq!(loaded.taken, TAKEN);
         assert!(read(dir.path(), "p/t/0", 43, 100, 0.01, 1_000).is_none());
         assert!(read(dir.path(), "p/t/1", 42, 100, 0.01, 1_000).is_none());
         remove(dir.path(), "p/t/0").unwrap();
@@ -157,7 +229,7 @@ mod tests {
     fn any_damage_is_detected() {
         let dir = tempfile::tempdir().unwrap();
         let (f, claims) = sample();
-        write(dir.path(), "p/t/0", 1, &f, &claims).unwrap();
+        write(dir.path(), "p/t/0", 1, TAKEN, &f, &claims).unwrap();
         let file = path(dir.path(), "p/t/0");
         let good = fs::read(&file).unwrap();
         for i in (0..good.len()).step_by(7) {

@@ -21,15 +21,16 @@ use crate::clock::TimeKeeper;
 use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
 use crate::error::{Error, Result};
 use crate::ledger::Ledger;
+use crate::membership::{Membership, MembershipGuard};
 use crate::recovery::{
     check_after_open, check_before_open, db_options, has_rocksdb_data, partition_cf_options,
     prepare_dir, Prepared,
 };
 use crate::shard::{
     decode_offset, decode_u64, mark_key, Counters, Shard, ShardInit, Verdict, EPOCH_KEY,
-    EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY,
+    EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, WATERMARK_KEY,
 };
-use crate::snapshot::{self, SNAPSHOT_KEY};
+use crate::snapshot::{self, Taken, SNAPSHOT_KEY};
 use crate::stats::{PartitionStats, Stats};
 use crate::ttl::{CfShared, Entry};
 use crate::Partition;
@@ -84,11 +85,13 @@ pub struct Store {
     path: PathBuf,
     options: Options,
     ttl_millis: u64,
+    /// See [`Store::claim_grace_millis`].
+    claim_grace_ms: u64,
     time: Arc<TimeKeeper>,
     write_options: WriteOptions,
     shards: RwLock<HashMap<Partition, Arc<Shard>>>,
-    /// Serialises assign, revoke and delete.
-    membership: Mutex<()>,
+    /// Serialises assign, revoke and delete; see [`crate::membership`].
+    membership: Membership,
     /// State shared with each partition column family's compaction filter.
     cf_shared: Mutex<HashMap<String, Arc<CfShared>>>,
 }
@@ -117,6 +120,7 @@ impl Store {
         options.validate()?;
         let path = path.as_ref().to_path_buf();
         let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
+        let claim_grace_ms = manifest.claim_grace_ms.unwrap_or(options.ttl_millis());
         let ledger = check_before_open(&path, &manifest)?;
         let time = Arc::new(TimeKeeper::new(options.clock.clone()));
         time.start_at(ledger.clock);
@@ -145,7 +149,8 @@ impl Store {
                 )));
             }
             let shared = Arc::new(CfShared::default());
-            let cf_options = partition_cf_options(time.clone(), &options, shared.clone());
+            let cf_options =
+                partition_cf_options(time.clone(), &options, claim_grace_ms, shared.clone());
             cf_shared.insert(name.clone(), shared);
             descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
         }
@@ -157,8 +162,25 @@ impl Store {
             ledger,
             db.latest_sequence_number(),
             time.now(),
+            claim_grace_ms,
         )?;
         time.set_durable(ledger.clock);
+        if options.time_domain == TimeDomain::EventTime {
+            // What recovery read back is durable (RocksDB writes recovered
+            // logs to tables before it opens), so compaction may judge at
+            // each partition's stored watermark from the start.
+            for (name, shared) in &cf_shared {
+                let stored = match db.cf_handle(name) {
+                    Some(cf) => db.get_pinned_cf(&cf, WATERMARK_KEY),
+                    None => Ok(None),
+                };
+                if let Some(v) = stored.map_err(|e| Error::storage(e, &path))? {
+                    shared
+                        .watermark
+                        .fetch_max(decode_u64(&v, "watermark")?, Ordering::AcqRel);
+                }
+            }
+        }
 
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.durability == Durability::Sync);
@@ -168,11 +190,12 @@ impl Store {
             ledger: Mutex::new(ledger),
             path,
             ttl_millis: options.ttl_millis(),
+            claim_grace_ms,
             options,
             time,
             write_options,
             shards: RwLock::new(HashMap::new()),
-            membership: Mutex::new(()),
+            membership: Membership::default(),
             cf_shared: Mutex::new(cf_shared),
         })
     }
@@ -209,24 +232,53 @@ impl Store {
 
     fn assign_inner(&self, partition: &Partition, epoch: Option<u64>) -> Result<()> {
         partition.validate()?;
-        let membership = self.membership.lock();
-        let existing = self.shards.read().get(partition).cloned();
-        if let Some(shard) = existing {
+        loop {
+            let membership = self.membership.lock();
+            let existing = self.shards.read().get(partition).cloned();
+            let Some(shard) = existing else {
+                return self.open_shard(partition, epoch, &membership);
+            };
+            // Lock order: membership is never held while waiting for a
+            // shard's write lock (another thread's batch may hold it and wait
+            // for membership in turn, through `revoke`).
             drop(membership);
-            if let Some(epoch) = epoch {
-                if epoch != shard.epoch() {
-                    self.fence_check(partition, shard.epoch(), epoch)?;
-                    let mut batch = self.batch(partition)?;
+            let Some(epoch) = epoch.filter(|&e| e != shard.epoch()) else {
+                return Ok(());
+            };
+            // The batch's commit checks the epoch again under the write lock,
+            // so of two racing calls the lower epoch is refused.
+            match self.batch(partition) {
+                Ok(mut batch) => {
                     batch.set_epoch(epoch);
-                    batch.commit()?;
+                    return batch.commit();
                 }
+                // Revoked (or revoked and assigned again) since it was looked
+                // up: assign it afresh.
+                Err(Error::NotAssigned(_)) => std::thread::yield_now(),
+                Err(e) => return Err(e),
             }
-            return Ok(());
         }
+    }
+
+    /// Opens an unassigned partition's shard and publishes it. Everything the
+    /// shard starts with, the new epoch included, is on disk before any
+    /// other thread can see the shard: no batch can slip in between, fenced
+    /// with an older epoch.
+    fn open_shard(
+        &self,
+        partition: &Partition,
+        epoch: Option<u64>,
+        _membership: &MembershipGuard<'_>,
+    ) -> Result<()> {
         let name = partition.cf_name();
         if self.db.cf_handle(&name).is_none() {
             let shared = Arc::new(CfShared::default());
-            let cf_options = partition_cf_options(self.time.clone(), &self.options, shared.clone());
+            let cf_options = partition_cf_options(
+                self.time.clone(),
+                &self.options,
+                self.claim_grace_ms,
+                shared.clone(),
+            );
             self.db
                 .create_cf(&name, &cf_options)
                 .map_err(|e| self.storage(e))?;
@@ -251,52 +303,72 @@ impl Store {
             self.fence_check(partition, stored_epoch, epoch)?;
         }
         let event_time = read_u64(EVENT_TIME_KEY, "event time")?.unwrap_or(0);
+        let stored_watermark = read_u64(WATERMARK_KEY, "watermark")?;
         let offset = self
             .db
             .get_pinned_cf(&cf, OFFSET_KEY)
             .map_err(|e| self.storage(e))?
             .map(|v| decode_offset(&v))
             .transpose()?;
-        let watermark = event_time.saturating_sub(self.options.lateness_millis());
-        shared.watermark.fetch_max(watermark, Ordering::AcqRel);
+        // Never below the stored watermark, whatever lateness this open has:
+        // compaction may have dropped marks that expired at it.
+        let watermark = event_time
+            .saturating_sub(self.options.lateness_millis())
+            .max(stored_watermark.unwrap_or(0));
+        let clock_now = self.now();
         let partition_now = match self.options.time_domain {
-            TimeDomain::ProcessingTime => self.now(),
+            TimeDomain::ProcessingTime => clock_now,
             TimeDomain::EventTime => watermark,
         };
         let snapshot_id = read_u64(SNAPSHOT_KEY, "filter snapshot id")?;
-        let loaded = snapshot_id.and_then(|id| {
-            snapshot::read(
-                &self.path,
-                &name,
-                id,
-                self.options.expected_keys_per_partition,
-                self.options.bloom_fp_rate,
-                self.ttl_millis,
-            )
-        });
+        let loaded = snapshot_id
+            .and_then(|id| {
+                snapshot::read(
+                    &self.path,
+                    &name,
+                    id,
+                    self.options.expected_keys_per_partition,
+                    self.options.bloom_fp_rate,
+                    self.ttl_millis,
+                )
+            })
+            // A snapshot taken at a later time than the store answers at now
+            // has dropped marks and claims that are live again (the clock
+            // stepped back across a restart the ledger did not see).
+            .filter(|l| l.taken.clock <= clock_now && l.taken.partition <= partition_now);
         let from_snapshot = loaded.is_some();
         let (mut filter, claims) = match loaded {
-            Some(l) => l,
+            Some(l) => (l.filter, l.claims),
             None => self.rebuild(&cf, partition_now)?,
         };
         filter.expire(partition_now);
+
+        let mut write = WriteBatch::default();
+        let new_epoch = epoch.filter(|&e| e != stored_epoch);
+        if let Some(e) = new_epoch {
+            write.put_cf(&cf, EPOCH_KEY, e.to_be_bytes());
+        }
+        if self.options.time_domain == TimeDomain::EventTime
+            && stored_watermark.is_none_or(|w| watermark > w)
+        {
+            write.put_cf(&cf, WATERMARK_KEY, watermark.to_be_bytes());
+        }
+        if !write.is_empty() {
+            self.write(write)?;
+        }
         let init = ShardInit {
             snapshot_key: snapshot_id.is_some(),
             from_snapshot,
             offset,
-            epoch: stored_epoch,
+            epoch: new_epoch.unwrap_or(stored_epoch),
             event_time,
+            watermark,
             filter,
             claims,
         };
         drop(cf);
         let shard = Arc::new(Shard::new(partition.clone(), name, init, shared));
         self.shards.write().insert(partition.clone(), shard);
-        if let Some(epoch) = epoch.filter(|&e| e != stored_epoch) {
-            let mut batch = self.batch(partition)?;
-            batch.set_epoch(epoch);
-            batch.commit()?;
-        }
         Ok(())
     }
 
@@ -320,37 +392,66 @@ impl Store {
     /// thread holds an open batch on it.
     pub fn revoke(&self, partition: &Partition) -> Result<()> {
         let shard = self.shard(partition)?;
+        self.revoke_shard(&shard)
+    }
+
+    /// Revokes `shard`. Lock order: its write lock first (waiting for an open
+    /// batch), then membership.
+    fn revoke_shard(&self, shard: &Arc<Shard>) -> Result<()> {
         let mut writer = shard.lock_writer()?;
         writer.revoked = true;
-        self.save_snapshot(&shard);
+        self.save_snapshot(shard);
         let _membership = self.membership.lock();
         let mut shards = self.shards.write();
         if shards
-            .get(partition)
-            .is_some_and(|current| Arc::ptr_eq(current, &shard))
+            .get(&shard.partition)
+            .is_some_and(|current| Arc::ptr_eq(current, shard))
         {
-            shards.remove(partition);
+            shards.remove(&shard.partition);
         }
         Ok(())
     }
 
     /// Deletes a partition's marks and offset, revoking it first if it is
     /// assigned. Returns whether there was anything to delete.
+    ///
+    /// Racing an [`assign`](Self::assign) of the same partition, either the
+    /// assign comes first (and the partition is revoked and deleted) or the
+    /// delete does (and the partition is assigned afresh, empty); never a
+    /// shard without its data.
     pub fn delete_partition(&self, partition: &Partition) -> Result<bool> {
         partition.validate()?;
-        if self.shards.read().contains_key(partition) {
-            self.revoke(partition)?;
+        loop {
+            let existing = self.shards.read().get(partition).cloned();
+            if let Some(shard) = existing {
+                match self.revoke_shard(&shard) {
+                    // Revoked by another thread meanwhile.
+                    Ok(()) | Err(Error::NotAssigned(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let _membership = self.membership.lock();
+            // Checked under membership, which every assign holds: if it was
+            // assigned again since, revoke that shard too.
+            if self.shards.read().contains_key(partition) {
+                drop(_membership);
+                std::thread::yield_now();
+                continue;
+            }
+            let name = partition.cf_name();
+            if self.db.cf_handle(&name).is_none() {
+                return Ok(false);
+            }
+            // The snapshot first: if the drop then fails, the data is still
+            // there and the next assign rebuilds its filter, and a retry
+            // deletes it; the other way round, an error would leave the data
+            // gone and the call reporting failure.
+            snapshot::remove(&self.path, &name)?;
+            self.pin_sequence()?;
+            self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
+            self.cf_shared.lock().remove(&name);
+            return Ok(true);
         }
-        let _membership = self.membership.lock();
-        let name = partition.cf_name();
-        if self.db.cf_handle(&name).is_none() {
-            return Ok(false);
-        }
-        self.pin_sequence()?;
-        self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
-        self.cf_shared.lock().remove(&name);
-        snapshot::remove(&self.path, &name)?;
-        Ok(true)
     }
 
     /// Records RocksDB's current sequence number in its `MANIFEST`, by a
@@ -385,12 +486,7 @@ impl Store {
         let k = mark_key(self.key_mode(), key);
         Counters::bump(&shard.counters.checks);
         let clock_now = self.now();
-        let partition_now = match self.options.time_domain {
-            TimeDomain::ProcessingTime => clock_now,
-            TimeDomain::EventTime => shard
-                .event_time()
-                .saturating_sub(self.options.lateness_millis()),
-        };
+        let partition_now = shard.partition_now(self.options.time_domain, clock_now);
         match self.lookup(&shard, None, &k, partition_now, clock_now)? {
             Some(_) => {
                 Counters::bump(&shard.counters.duplicates);
@@ -515,9 +611,21 @@ impl Store {
     /// `docs/performance.md`). For power-cut safety of every batch, open the
     /// store with [`Durability::Sync`](crate::Durability::Sync) instead.
     pub fn sync(&self) -> Result<()> {
-        // Read before the fsync: every write up to it is then durable.
+        // Read before the fsync: every write up to them is then durable.
         let sequence = self.db.latest_sequence_number();
+        let watermarks: Vec<(Arc<Shard>, u64)> = match self.options.time_domain {
+            TimeDomain::ProcessingTime => Vec::new(),
+            TimeDomain::EventTime => self
+                .shards
+                .read()
+                .values()
+                .map(|s| (s.clone(), s.watermark()))
+                .collect(),
+        };
         self.db.flush_wal(true).map_err(|e| self.storage(e))?;
+        for (shard, watermark) in watermarks {
+            shard.make_watermark_durable(watermark);
+        }
         self.record(sequence)
     }
 
@@ -622,9 +730,21 @@ impl Store {
     /// Best effort: if it fails, the next `assign` rebuilds from disk.
     fn save_snapshot(&self, shard: &Shard) {
         let id = next_token();
+        let clock = self.now();
+        let taken = Taken {
+            clock,
+            partition: shard.partition_now(self.options.time_domain, clock),
+        };
         let saved = {
             let filter = shard.filter.read();
-            snapshot::write(&self.path, &shard.cf_name, id, &filter, &shard.claims())
+            snapshot::write(
+                &self.path,
+                &shard.cf_name,
+                id,
+                taken,
+                &filter,
+                &shard.claims(),
+            )
         };
         if saved.is_ok() {
             if let Ok(cf) = self.cf(shard) {
@@ -645,6 +765,16 @@ impl Store {
 
     pub(crate) fn ttl_millis(&self) -> u64 {
         self.ttl_millis
+    }
+
+    /// How long past its lease a claim can still be confirmed (fixed at
+    /// creation; see `Manifest::claim_grace_ms`).
+    pub(crate) fn claim_grace_millis(&self) -> u64 {
+        self.claim_grace_ms
+    }
+
+    pub(crate) fn durability(&self) -> Durability {
+        self.options.durability
     }
 
     pub(crate) fn key_mode(&self) -> KeyMode {

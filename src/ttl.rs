@@ -76,13 +76,14 @@ impl Entry {
         }
     }
 
-    /// Whether the entry must stay on disk: marks while live; claims for one
-    /// TTL past their lease, so that a processor whose lease ran out can still
-    /// confirm while nobody took the key over (see `Batch::confirm`).
-    pub(crate) fn is_retained(&self, partition_now: u64, clock_now: u64, ttl_ms: u64) -> bool {
+    /// Whether the entry must stay on disk: marks while live; claims for
+    /// `grace_ms` (the store's claim grace, fixed at creation) past their
+    /// lease, so that a processor whose lease ran out can still confirm while
+    /// nobody took the key over (see `Batch::confirm`).
+    pub(crate) fn is_retained(&self, partition_now: u64, clock_now: u64, grace_ms: u64) -> bool {
         match *self {
             Self::Done { .. } => self.is_live(partition_now, clock_now),
-            Self::Claimed { lease_until, .. } => is_live(expiry(lease_until, ttl_ms), clock_now),
+            Self::Claimed { lease_until, .. } => is_live(expiry(lease_until, grace_ms), clock_now),
         }
     }
 
@@ -111,7 +112,10 @@ pub(crate) fn expiry(now: u64, ttl_ms: u64) -> u64 {
 pub(crate) struct CfShared {
     /// Expired entries removed by compaction since the store was opened.
     pub(crate) dropped: AtomicU64,
-    /// The partition's event-time watermark (event-time stores only); zero
+    /// The partition's event-time watermark as far as it is durable
+    /// (event-time stores only): raised only once a log fsync made a write
+    /// of it durable (`Store::sync`, `close`, commits under
+    /// `Durability::Sync`), or from what `assign` reads back from disk. Zero
     /// until the partition is assigned, so nothing is dropped by event time
     /// before the real watermark is known.
     pub(crate) watermark: AtomicU64,
@@ -129,13 +133,13 @@ pub(crate) fn install_compaction_filter(
     opts: &mut rocksdb::Options,
     time: Arc<TimeKeeper>,
     domain: TimeDomain,
-    ttl_ms: u64,
+    grace_ms: u64,
     shared: Arc<CfShared>,
 ) {
     opts.set_compaction_filter_factory(ExpiryFilterFactory {
         time,
         domain,
-        ttl_ms,
+        grace_ms,
         shared,
     });
 }
@@ -143,7 +147,9 @@ pub(crate) fn install_compaction_filter(
 struct ExpiryFilterFactory {
     time: Arc<TimeKeeper>,
     domain: TimeDomain,
-    ttl_ms: u64,
+    /// The claim grace, fixed at creation: the same on every run, so that
+    /// whether compaction ran never changes what `confirm` answers.
+    grace_ms: u64,
     shared: Arc<CfShared>,
 }
 
@@ -152,7 +158,8 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
 
     fn create(&mut self, _context: CompactionFilterContext) -> ExpiryFilter {
         // One reading per compaction: every entry is judged at the same time,
-        // never later than the time the ledger recorded durably.
+        // never later than the time the ledger recorded durably, nor past the
+        // durable watermark.
         let clock_now = self.time.compaction_now();
         let partition_now = match self.domain {
             TimeDomain::ProcessingTime => clock_now,
@@ -161,7 +168,7 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
         ExpiryFilter {
             partition_now,
             clock_now,
-            ttl_ms: self.ttl_ms,
+            grace_ms: self.grace_ms,
             shared: self.shared.clone(),
         }
     }
@@ -174,7 +181,7 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
 struct ExpiryFilter {
     partition_now: u64,
     clock_now: u64,
-    ttl_ms: u64,
+    grace_ms: u64,
     shared: Arc<CfShared>,
 }
 
@@ -184,7 +191,9 @@ impl CompactionFilter for ExpiryFilter {
             return Decision::Keep;
         }
         match Entry::decode(value) {
-            Some(entry) if !entry.is_retained(self.partition_now, self.clock_now, self.ttl_ms) => {
+            Some(entry)
+                if !entry.is_retained(self.partition_now, self.clock_now, self.grace_ms) =>
+            {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 Decision::Remove
             }

@@ -199,3 +199,22 @@ fn stats_count_what_happened() {
     assert!(s.bloom_negatives >= 90);
     assert!(s.filter_bytes > 0);
 }
+
+#[test]
+fn the_longest_topic_kafka_allows_keeps_its_snapshot_and_deletes_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _clock) = open(dir.path());
+    for len in [247, 248, 249] {
+        let p = Partition::new("t".repeat(len), i32::MAX);
+        store.assign(&p).unwrap();
+        store.mark(&p, b"k").unwrap();
+        store.revoke(&p).unwrap();
+        store.assign(&p).unwrap();
+        assert!(store.stats().partitions[&p].filter_from_snapshot, "{len}");
+        assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+        assert!(store.delete_partition(&p).unwrap(), "{len}");
+        assert!(!store.delete_partition(&p).unwrap(), "{len}");
+        store.assign(&p).unwrap();
+        assert_eq!(store.check(&p, b"k").unwrap(), Verdict::New);
+    }
+}

@@ -200,3 +200,139 @@ fn a_clock_stepping_back_across_a_restart_keeps_answers_consistent() {
     stepped_back.set(T0 + 2 * TTL.as_millis() as u64 + TTL.as_millis() as u64 - 1);
     assert_eq!(store.check(&kept, b"d").unwrap(), Verdict::Duplicate);
 }
+
+#[test]
+fn a_snapshot_taken_later_than_a_restart_resumes_at_is_not_trusted() {
+    // The filter drops a generation once every key in it has expired, and a
+    // snapshot saved at revoke keeps only what is left. After a crash the
+    // store resumes at the time its ledger recorded, which may be before
+    // that: with the clock stepped back, a mark the snapshot no longer holds
+    // is live again, and must still be a duplicate (and a claim the snapshot
+    // dropped still in flight).
+    let window = TTL.as_millis() as u64 / 4;
+    let at = |quarters: u64| T0 + quarters * window / 10;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    // Expires at 4.5 windows: its generation is dropped from 5 windows on.
+    clock.set(at(5));
+    store.mark(&p, b"k").unwrap();
+    // A claim whose lease runs from 4.2 to 4.6 windows; the commit records
+    // the store's time (4.2 windows) in the ledger, more than a window after
+    // the last record.
+    clock.set(at(42));
+    let claimed = store.claim(&p, b"c", Duration::from_millis(4 * window / 10));
+    assert!(matches!(claimed, Ok(exactly::Claim::Acquired(_))));
+    // At 5 windows a commit drops k's generation, and a new claim makes the
+    // table forget c's lapsed lease; the ledger is not written again (less
+    // than a window since the last record).
+    clock.set(at(50));
+    store.mark(&p, b"k2").unwrap();
+    assert!(matches!(
+        store.claim(&p, b"c2", Duration::from_secs(1)),
+        Ok(exactly::Claim::Acquired(_))
+    ));
+    store.revoke(&p).unwrap();
+    // A crash: no close, so the ledger keeps 4.2 windows.
+    drop(store);
+
+    let stepped_back = ManualClock::new(at(43));
+    let store = Store::open(dir.path(), options(&stepped_back)).unwrap();
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+    assert!(matches!(
+        store.claim(&p, b"c", Duration::from_secs(1)),
+        Ok(exactly::Claim::InFlight { .. })
+    ));
+    // The snapshot was set aside: the filter was rebuilt from disk.
+    assert!(!store.stats().partitions[&p].filter_from_snapshot);
+}
+
+#[test]
+fn a_larger_allowed_lateness_on_reopen_answers_the_same_whether_compaction_ran() {
+    // Under event time, two identical marks in two partitions expire at the
+    // watermark; one partition is compacted. Reopened with a larger
+    // allowed_lateness, the watermark stays where it was (it never goes
+    // back), so both marks are expired, not one gone and one live.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let event = || options(&clock).time_domain(exactly::TimeDomain::EventTime);
+    let store = Store::open(dir.path(), event()).unwrap();
+    let (compacted, kept) = (orders(0), orders(1));
+    let ttl = TTL.as_millis() as u64;
+    for p in [&compacted, &kept] {
+        store.assign(p).unwrap();
+        store.mark_at(p, b"old", T0).unwrap();
+        // The watermark passes old's expiry.
+        store.mark_at(p, b"new", T0 + 2 * ttl).unwrap();
+        assert_eq!(store.check(p, b"old").unwrap(), Verdict::New);
+    }
+    // Compaction judges at the durable watermark: sync first.
+    store.sync().unwrap();
+    store.compact(&compacted).unwrap();
+    assert_eq!(store.stats().partitions[&compacted].expired_dropped, 1);
+    store.close().unwrap();
+
+    let later = event().allowed_lateness(Duration::from_millis(3 * ttl / 2));
+    let store = Store::open(dir.path(), later).unwrap();
+    for p in [&compacted, &kept] {
+        store.assign(p).unwrap();
+        assert_eq!(store.check(p, b"old").unwrap(), Verdict::New, "{p}");
+        assert_eq!(store.check(p, b"new").unwrap(), Verdict::Duplicate, "{p}");
+    }
+}
+
+#[test]
+fn compaction_never_judges_at_a_watermark_that_is_not_durable() {
+    // Under Buffered durability a commit that raised the watermark can be
+    // lost to a power cut; compaction must not drop marks on its word until
+    // a log fsync made it durable.
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let opts = options(&clock).time_domain(exactly::TimeDomain::EventTime);
+    let store = Store::open(dir.path(), opts).unwrap();
+    let p = orders(0);
+    let ttl = TTL.as_millis() as u64;
+    store.assign(&p).unwrap();
+    store.mark_at(&p, b"old", T0).unwrap();
+    store.sync().unwrap();
+    store.mark_at(&p, b"new", T0 + 2 * ttl).unwrap();
+    assert_eq!(store.check(&p, b"old").unwrap(), Verdict::New);
+    store.compact(&p).unwrap();
+    assert_eq!(store.stats().partitions[&p].expired_dropped, 0);
+    store.sync().unwrap();
+    store.compact(&p).unwrap();
+    assert_eq!(store.stats().partitions[&p].expired_dropped, 1);
+}
+
+#[test]
+fn a_larger_ttl_on_reopen_does_not_revive_claims_compaction_may_have_dropped() {
+    // Two identical claims whose lease and grace ran out, in two
+    // partitions; one is compacted away. Reopened with a larger TTL, both
+    // are lost: the claim grace is the TTL the store was created with.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, clock) = open(dir.path());
+    let (compacted, kept) = (orders(0), orders(1));
+    let mut tokens = Vec::new();
+    for p in [&compacted, &kept] {
+        store.assign(p).unwrap();
+        match store.claim(p, b"c", Duration::from_secs(1)).unwrap() {
+            exactly::Claim::Acquired(t) => tokens.push(t),
+            other => panic!("{other:?}"),
+        }
+    }
+    clock.advance(TTL + Duration::from_secs(2));
+    store.compact(&compacted).unwrap();
+    assert_eq!(store.stats().partitions[&compacted].expired_dropped, 1);
+    store.close().unwrap();
+
+    let store = Store::open(dir.path(), options(&clock).ttl(4 * TTL)).unwrap();
+    for (p, token) in [&compacted, &kept].into_iter().zip(&tokens) {
+        store.assign(p).unwrap();
+        assert!(
+            matches!(store.confirm(token), Err(exactly::Error::ClaimLost { .. })),
+            "{p}"
+        );
+    }
+}
