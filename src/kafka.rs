@@ -204,7 +204,10 @@ enum RebalanceFailure {
 /// * **Revocation:** unless the assignment was lost, the store's committed
 ///   offsets of the revoked partitions are committed to Kafka synchronously
 ///   (the handover, see [`DedupContext::handover_commit`]); then the shards
-///   are revoked.
+///   are revoked. A store offset that may be behind the group's (the group's
+///   could not be read at assignment and this consumer has committed no
+///   batch of the partition since) is not committed, so a handover never
+///   moves the group's offset back.
 ///
 /// A store error during a rebalance cannot be returned from the callback;
 /// the next [`IdempotentConsumer::poll_batch`] returns it before processing
@@ -321,7 +324,12 @@ impl DedupContext {
             }
             // The rebalance counter as it will read once this callback is done.
             let since = self.rebalances.load(Ordering::Acquire) + 1;
-            self.owned.lock().insert(p.clone(), Owned { epoch, since });
+            let owned = Owned {
+                epoch,
+                since,
+                handover: false,
+            };
+            self.owned.lock().insert(p.clone(), owned);
             match self.store().committed_offset(&p) {
                 Ok(Some(offset)) => store_offsets.push((p, offset)),
                 Ok(None) => {}
@@ -339,21 +347,37 @@ impl DedupContext {
                 .ok()
                 .and_then(|g| g.find_partition(p.topic(), p.partition()))
                 .map_or(Offset::Invalid, |e| e.offset());
+            // Unread, the group's offset may be ahead of the store's: the
+            // store's offset may not be handed over until this consumer has
+            // committed a batch of the partition (which starts at the group's
+            // offset, so the store's is then at or past it).
             let Some(resume) = resume_offset(Some(offset), group_offset, group_known) else {
                 continue;
             };
-            if resume > offset {
+            let adopted = if resume > offset {
                 // Adopt the group's later offset, so that the store's offset
                 // (committed to Kafka on handover) never moves the group's back.
-                if let Err(e) = self.adopt_offset(&p, resume) {
-                    self.fail(RebalanceFailure::Store(e));
-                }
+                self.adopt_offset(&p, resume)
+            } else {
+                Ok(())
+            };
+            match adopted {
+                Ok(()) => self.may_hand_over(&p),
+                Err(e) => self.fail(RebalanceFailure::Store(e)),
             }
             if let Err(e) =
                 tpl.set_partition_offset(p.topic(), p.partition(), Offset::Offset(resume))
             {
                 self.fail(RebalanceFailure::Kafka(e));
             }
+        }
+    }
+
+    /// Records that `partition`'s offset in the store is at or past the
+    /// group's committed offset, so that a handover may commit it.
+    fn may_hand_over(&self, partition: &Partition) {
+        if let Some(owned) = self.owned.lock().get_mut(partition) {
+            owned.handover = true;
         }
     }
 
@@ -372,7 +396,15 @@ impl DedupContext {
             .collect();
         if self.handover_commit && !consumer.assignment_lost() {
             let mut offsets = TopicPartitionList::new();
+            let owned = self.owned.lock().clone();
             for p in &partitions {
+                // Only an offset known to be at or past the group's: a store
+                // whose offset is behind the group's (another instance
+                // processed the partition since) would move the group's back,
+                // and the next owner would redo what that instance did.
+                if !owned.get(p).is_some_and(|o| o.handover) {
+                    continue;
+                }
                 if let Ok(Some(offset)) = self.store().committed_offset(p) {
                     if offsets
                         .add_partition_offset(p.topic(), p.partition(), Offset::Offset(offset))
@@ -403,6 +435,11 @@ struct Owned {
     /// The consumer's rebalance count from which messages of the partition
     /// belong to this ownership.
     since: u64,
+    /// Whether the store's offset of the partition is known to be at or past
+    /// the group's committed offset: the group's offset was read (and
+    /// adopted) at assignment, or this consumer committed a batch of the
+    /// partition since. Only then does a handover commit it.
+    handover: bool,
 }
 
 impl ClientContext for DedupContext {}
@@ -886,6 +923,9 @@ impl IdempotentConsumer {
         if let Err(e) = batch.commit() {
             return fail(e.into(), start);
         }
+        // The batch started at the consumer's position, which is at or past
+        // the group's committed offset: so is the store's offset now.
+        self.context().may_hand_over(p);
         PartitionResult {
             committed: Some(offset),
             resume_at: offset,

@@ -542,19 +542,23 @@ fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
     // Each phase's messages are produced once the assignment is stable, so
     // that no key's resend straddles a move (see docs/kafka.md).
     let phase = |keys| produce(&servers, &workload(keys), &mut run.ends.lock().unwrap());
+    let mut watch = GroupWatch::new(&servers, "own-stores");
 
     // One consumer alone.
     let mut a = own_store_consumer(&run, &servers, dirs[0].path(), KafkaCommit::Async);
     drive(&run, &mut [&mut a], settled);
     phase(0..KEYS / 3);
     drive(&run, &mut [&mut a], all_consumed);
+    watch.check("one consumer");
 
     // A second one joins: the first hands part of the partitions over.
     // It commits to Kafka only when it hands partitions over.
     let mut b = own_store_consumer(&run, &servers, dirs[1].path(), KafkaCommit::OnRevoke);
     drive(&run, &mut [&mut a, &mut b], settled);
+    watch.check("a second joined");
     phase(KEYS / 3..2 * KEYS / 3);
     drive(&run, &mut [&mut a, &mut b], all_consumed);
+    watch.check("two consumers");
 
     // The second one leaves: the first gets those partitions back and
     // resumes them at the group's offsets, ahead of its own store's.
@@ -565,6 +569,7 @@ fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
     // commit, its only Kafka commit, went through.
     assert_eq!(leaving.handover_failures(), 0);
     drive(&run, &mut [&mut a], settled);
+    watch.check("the second left");
     // Its store adopted the group's offsets of the partitions it got back.
     for p in a.context().owned() {
         let progress = run.progress.lock().unwrap()[&p.partition()];
@@ -573,6 +578,9 @@ fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
     }
     phase(2 * KEYS / 3..KEYS);
     drive(&run, &mut [&mut a], all_consumed);
+    let first = a.consumer().context().clone();
+    drop(a);
+    watch.check("the first left");
 
     let counts = run.sink.counts();
     eprintln!(
@@ -604,7 +612,7 @@ fn consumers_with_their_own_stores_hand_partitions_over_cleanly() {
     // before partitions move, so the asynchronous commits have landed.
     eprintln!(
         "own stores: {} handover commits failed on rebalances",
-        a.context().handover_failures(),
+        first.handover_failures(),
     );
 }
 
@@ -822,4 +830,205 @@ fn the_residual_window_is_closed_by_passing_the_key_downstream() {
     );
     assert!(plain.values().all(|n| (1..=2).contains(n)));
     assert!(keyed_sink.counts().values().all(|n| *n == 1));
+}
+
+/// The group's committed offsets, read by a client that does not join the
+/// group.
+fn group_offsets(servers: &str, group: &str) -> HashMap<i32, i64> {
+    let reader: BaseConsumer = consumer_config(servers, group).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(TOPIC, p);
+    }
+    let committed = reader
+        .committed_offsets(tpl, Duration::from_secs(20))
+        .unwrap();
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Watches a group's committed offsets between phases: none may go back.
+struct GroupWatch<'a> {
+    servers: &'a str,
+    group: &'a str,
+    last: HashMap<i32, i64>,
+}
+
+impl<'a> GroupWatch<'a> {
+    fn new(servers: &'a str, group: &'a str) -> Self {
+        Self {
+            servers,
+            group,
+            last: HashMap::new(),
+        }
+    }
+
+    /// Reads the offsets, checks that none went back (or disappeared) since
+    /// the last check, and returns them.
+    fn check(&mut self, phase: &str) -> HashMap<i32, i64> {
+        let now = group_offsets(self.servers, self.group);
+        for (p, before) in &self.last {
+            let after = now.get(p).copied();
+            assert!(
+                after.is_some_and(|a| a >= *before),
+                "{phase}: the group's offset of partition {p} went from {before} to {after:?}"
+            );
+        }
+        self.last = now.clone();
+        now
+    }
+}
+
+/// A consumer of group `group_id` on its own store, with its offsets
+/// timeout.
+fn timed_consumer(
+    servers: &str,
+    group_id: &str,
+    store: &Arc<Store>,
+    offsets_timeout: Duration,
+) -> IdempotentConsumer {
+    let group = GroupStore::new(store.clone());
+    let context = DedupContext::new(&group).offsets_timeout(offsets_timeout);
+    let consumer: BaseConsumer<DedupContext> = consumer_config(servers, group_id)
+        .create_with_context(context)
+        .unwrap();
+    consumer.subscribe(&[TOPIC]).unwrap();
+    IdempotentConsumer::new(consumer, KeySource::header(HEADER))
+        .max_batch(16)
+        .kafka_commit(KafkaCommit::Sync)
+}
+
+/// Polls `consumer` until `done` holds, applying every new key to `sink`.
+fn poll_until<D>(consumer: &mut IdempotentConsumer, sink: &Sink, what: &str, done: D)
+where
+    D: Fn(&IdempotentConsumer) -> bool,
+{
+    let started = Instant::now();
+    while !done(consumer) {
+        assert!(started.elapsed() < DEADLINE, "timed out waiting: {what}");
+        consumer
+            .poll_batch(Duration::from_millis(50), |_, key| {
+                sink.apply(key.unwrap());
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+    }
+}
+
+/// Finding: a consumer whose store is behind the group (another instance
+/// processed the partition since) is assigned the partition while the broker
+/// is slower than its `offsets_timeout`, so it cannot read the group's
+/// offset; its handover must not commit its store's older offset, or the
+/// next owner redoes what the other instance did.
+#[test]
+fn a_consumer_that_cannot_read_the_group_offset_never_moves_it_back() {
+    let (cluster, servers) = cluster();
+    let group_id = "slow-broker";
+    let mut watch = GroupWatch::new(&servers, group_id);
+    let p = Partition::new(TOPIC, 0);
+    let keys = |range: std::ops::Range<i32>| -> Vec<(i32, String)> {
+        range.map(|i| (0, format!("order-{i}"))).collect()
+    };
+    produce(&servers, &keys(0..10), &mut HashMap::new());
+    let sink = Sink::default();
+
+    // A's store is at 3: an earlier life of A processed order-0 .. order-2.
+    let dir_a = tempfile::tempdir().unwrap();
+    let store_a = Arc::new(open_store(dir_a.path()));
+    store_a.assign(&p).unwrap();
+    let mut batch = store_a.batch(&p).unwrap();
+    for i in 0..3 {
+        batch.mark(format!("order-{i}").as_bytes()).unwrap();
+        sink.apply(format!("order-{i}").as_bytes());
+    }
+    batch.set_offset(3);
+    batch.commit().unwrap();
+    store_a.revoke(&p).unwrap();
+
+    // B, on its own store, processes everything from the start (the group
+    // has no offset yet) and commits 10; closing it hands the partition over.
+    let dir_b = tempfile::tempdir().unwrap();
+    let store_b = Arc::new(open_store(dir_b.path()));
+    let mut b = timed_consumer(&servers, group_id, &store_b, Duration::from_secs(10));
+    let sink_b = Sink::default();
+    poll_until(&mut b, &sink_b, "B processes 0..10", |c| {
+        c.context().store().committed_offset(&p).ok().flatten() == Some(10)
+    });
+    drop(b);
+    assert_eq!(watch.check("after B").get(&0), Some(&10));
+
+    // The broker gets slower than A's offsets timeout: A cannot read the
+    // group's offset at assignment and resumes from it without adopting it.
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(400))
+        .unwrap();
+    let mut a = timed_consumer(&servers, group_id, &store_a, Duration::from_millis(50));
+    poll_until(&mut a, &sink, "A owns the partition", |c| {
+        c.context().owned().contains(&p)
+    });
+    for _ in 0..5 {
+        a.poll_batch(Duration::from_millis(100), |_, key| {
+            sink.apply(key.unwrap());
+            Ok::<(), Infallible>(())
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        store_a.committed_offset(&p).unwrap(),
+        Some(3),
+        "A processed nothing: the group was at the end"
+    );
+    drop(a); // revocation: A's store offset (3) may not be handed over
+    cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    assert_eq!(watch.check("after A's handover").get(&0), Some(&10));
+
+    // Slow again, and new messages: A processes them from the group's
+    // offset, and once it has committed a batch its handover may commit.
+    produce(&servers, &keys(10..15), &mut HashMap::new());
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(400))
+        .unwrap();
+    let mut a = timed_consumer(&servers, group_id, &store_a, Duration::from_millis(50));
+    poll_until(&mut a, &sink, "A processes 10..15", |c| {
+        c.context().store().committed_offset(&p).ok().flatten() == Some(15)
+    });
+    drop(a);
+    cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
+    assert_eq!(watch.check("after A's second handover").get(&0), Some(&15));
+
+    // The next owner, on a fresh store, has nothing to redo.
+    let dir_c = tempfile::tempdir().unwrap();
+    let store_c = Arc::new(open_store(dir_c.path()));
+    let mut c = timed_consumer(&servers, group_id, &store_c, Duration::from_secs(10));
+    poll_until(&mut c, &sink, "C owns the partition", |c| {
+        c.context().owned().contains(&p)
+    });
+    for _ in 0..10 {
+        c.poll_batch(Duration::from_millis(50), |_, key| {
+            sink.apply(key.unwrap());
+            Ok::<(), Infallible>(())
+        })
+        .unwrap();
+    }
+    drop(c);
+    watch.check("after C");
+
+    // B applied order-0 .. order-9 (its store never had A's earlier marks);
+    // A and C applied order-0 .. order-2 before and order-10 .. order-14:
+    // none of B's work was redone.
+    let once = |range: std::ops::Range<i32>| range.map(|i| (format!("order-{i}"), 1));
+    let expected_b: HashMap<String, u32> = once(0..10).collect();
+    let expected_rest: HashMap<String, u32> = once(0..3).chain(once(10..15)).collect();
+    assert_eq!(sink_b.counts(), expected_b);
+    assert_eq!(
+        sink.counts(),
+        expected_rest,
+        "B's work redone after A's handover"
+    );
 }
