@@ -5,18 +5,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rocksdb::{BoundColumnFamily, WriteBatch};
+use rocksdb::WriteBatch;
 
 use crate::claim::{next_token, Claim, ClaimToken};
 use crate::config::{Durability, TimeDomain, TtlRefresh, MAX_TTL};
+use crate::engine::{refuse_older_epoch, Cf, Engine, ValidKey};
 use crate::error::{Error, Result};
-use crate::shard::{
-    encode_offset, mark_key, Counters, Shard, Verdict, WriterGuard, EPOCH_KEY, EVENT_TIME_KEY,
-    OFFSET_KEY, WATERMARK_KEY,
+use crate::layout::{
+    encode_offset, Entry, EPOCH_KEY, EVENT_TIME_KEY, OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
 };
-use crate::snapshot::SNAPSHOT_KEY;
-use crate::store::Store;
-use crate::ttl::{expiry, Entry};
+use crate::shard::{Counters, Shard, WriterGuard};
+use crate::ttl::expiry;
+use crate::verdict::Verdict;
 
 /// The time of one operation: the store's clock, and the partition's time
 /// for marks (the same, or the event-time watermark).
@@ -24,6 +24,21 @@ use crate::ttl::{expiry, Entry};
 struct Now {
     clock: u64,
     partition: u64,
+}
+
+/// A key found new by [`Batch::check_for_mark`], in its stored form.
+#[derive(Debug)]
+// Marked only by the Kafka loop.
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+pub(crate) struct Checked {
+    stored_key: Vec<u8>,
+}
+
+/// What validation worked out for a commit.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// The higher event time the commit stores, and the watermark with it.
+    event_time: Option<(u64, u64)>,
 }
 
 /// A staged change to one key.
@@ -35,15 +50,15 @@ struct Staged {
     claims: bool,
 }
 
-/// An open batch on one partition; see [`Store::batch`].
+/// An open batch on one partition; see [`Store::batch`](crate::Store::batch).
 ///
-/// The batch holds the partition's write lock from [`Store::batch`] until it
+/// The batch holds the partition's write lock from `Store::batch` until it
 /// is committed or dropped: other threads' writes to the same partition wait,
 /// reads do not. Dropping it without [`commit`](Self::commit) writes nothing.
 pub struct Batch<'s> {
-    store: &'s Store,
+    engine: &'s Engine,
     shard: Arc<Shard>,
-    cf: Arc<BoundColumnFamily<'s>>,
+    cf: Cf<'s>,
     // Released after `Drop::drop` has cleared the holder.
     _writer: WriterGuard,
     staged: HashMap<Vec<u8>, Staged, foldhash::quality::RandomState>,
@@ -56,14 +71,14 @@ pub struct Batch<'s> {
 
 impl<'s> Batch<'s> {
     pub(crate) fn new(
-        store: &'s Store,
+        engine: &'s Engine,
         shard: Arc<Shard>,
-        cf: Arc<BoundColumnFamily<'s>>,
+        cf: Cf<'s>,
         writer: WriterGuard,
     ) -> Self {
         shard.set_holder();
         Self {
-            store,
+            engine,
             shard,
             cf,
             _writer: writer,
@@ -83,7 +98,19 @@ impl<'s> Batch<'s> {
     /// twice in one batch is `New` the first time and `Duplicate` after. A
     /// key with a live claim is `Duplicate` (someone is processing it).
     pub fn check_and_mark(&mut self, key: &[u8]) -> Result<Verdict> {
-        self.check_and_mark_with(key, None, None)
+        let key = self.engine.validate_key(key)?;
+        self.check_and_mark_valid(key, None, None)
+    }
+
+    /// Whether `key` has a live mark or claim, as this batch sees it: its own
+    /// staged changes first, then the store. Marks nothing. The batch holds
+    /// the partition's write lock, so the answer holds until the batch
+    /// commits or is dropped: no other writer can mark the key meanwhile.
+    pub fn check(&self, key: &[u8]) -> Result<Verdict> {
+        Ok(match self.check_for_mark(key)? {
+            Some(_) => Verdict::New,
+            None => Verdict::Duplicate,
+        })
     }
 
     /// Marks `key` as processed in this batch; see
@@ -92,13 +119,41 @@ impl<'s> Batch<'s> {
         self.check_and_mark(key).map(|_| ())
     }
 
+    /// The first half of a check-and-mark split around a side effect: checks
+    /// `key` once, and if it is new returns what
+    /// [`mark_checked`](Self::mark_checked) needs to mark it without reading
+    /// again. `None`: a duplicate.
+    pub(crate) fn check_for_mark(&self, key: &[u8]) -> Result<Option<Checked>> {
+        let key = self.engine.validate_key(key)?;
+        let k = self.engine.stored_key(key);
+        Counters::bump(&self.shard.counters.checks);
+        match self.current(&k, self.times())?.0 {
+            Some(_) => {
+                Counters::bump(&self.shard.counters.duplicates);
+                Ok(None)
+            }
+            None => Ok(Some(Checked { stored_key: k })),
+        }
+    }
+
+    /// Marks a key [`check_for_mark`](Self::check_for_mark) found new. The
+    /// batch has held the write lock since, so it is still new; its TTL
+    /// starts now.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn mark_checked(&mut self, checked: Checked) {
+        let expires_at = expiry(self.partition_now(), self.engine.ttl_millis());
+        self.stage(checked.stored_key, Some(Entry::Done { expires_at }), false);
+        self.marks += 1;
+    }
+
     /// [`check_and_mark`](Self::check_and_mark) for a message with event
     /// time `event_time` (ms since the Unix epoch). Under
     /// [`TimeDomain::EventTime`] the mark expires `ttl` after `event_time`,
     /// and the partition's event time advances to it at commit; under
     /// processing time the event time is not used.
     pub fn check_and_mark_at(&mut self, key: &[u8], event_time: u64) -> Result<Verdict> {
-        self.check_and_mark_with(key, Some(event_time), None)
+        let key = self.engine.validate_key(key)?;
+        self.check_and_mark_valid(key, Some(event_time), None)
     }
 
     /// [`mark`](Self::mark) with event time; see
@@ -111,21 +166,22 @@ impl<'s> Batch<'s> {
     /// keys that must be remembered longer (or shorter). From 1 ms to 100
     /// years.
     pub fn mark_with_ttl(&mut self, key: &[u8], ttl: Duration) -> Result<()> {
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if ttl_ms == 0 || ttl > MAX_TTL {
-            return Err(Error::InvalidOptions(format!(
-                "a mark's ttl must be between 1 ms and 100 years, got {ttl:?}"
-            )));
-        }
-        self.check_and_mark_with(key, None, Some(ttl_ms))
+        let key = self.engine.validate_key(key)?;
+        let ttl_ms = mark_ttl_millis(ttl)?;
+        self.check_and_mark_valid(key, None, Some(ttl_ms))
             .map(|_| ())
     }
 
     /// Removes `key`'s mark or claim in this batch. Returns whether it had a
     /// live one.
     pub fn unmark(&mut self, key: &[u8]) -> Result<bool> {
-        self.store.validate_key(key)?;
-        let k = mark_key(self.store.key_mode(), key);
+        let key = self.engine.validate_key(key)?;
+        self.unmark_valid(key)
+    }
+
+    /// [`unmark`](Self::unmark) of a validated key.
+    pub(crate) fn unmark_valid(&mut self, key: ValidKey<'_>) -> Result<bool> {
+        let k = self.engine.stored_key(key);
         let (current, had_claim) = self.current(&k, self.times())?;
         self.stage(k, None, had_claim);
         Ok(current.is_some())
@@ -142,7 +198,7 @@ impl<'s> Batch<'s> {
     /// ran out and another processor claimed the key (or a TTL passed).
     pub fn confirm(&mut self, token: &ClaimToken) -> Result<()> {
         self.own_claim(token)?;
-        let expires_at = expiry(self.partition_now(), self.store.ttl_millis());
+        let expires_at = expiry(self.partition_now(), self.engine.ttl_millis());
         self.stage(
             token.stored_key.clone(),
             Some(Entry::Done { expires_at }),
@@ -169,7 +225,8 @@ impl<'s> Batch<'s> {
     }
 
     /// Writes this batch under `epoch`, the epoch under which the caller holds
-    /// the partition (see [`Store::assign_with_epoch`]). If the partition has
+    /// the partition (see
+    /// [`Store::assign_with_epoch`](crate::Store::assign_with_epoch)). If the partition has
     /// been assigned under another epoch since, [`commit`](Self::commit) fails
     /// with [`Error::Fenced`] and writes nothing: a zombie consumer cannot
     /// write after a rebalance.
@@ -192,8 +249,22 @@ impl<'s> Batch<'s> {
     /// Returns when the write is as durable as [`crate::Durability`] promises.
     /// On error nothing of the batch is applied.
     pub fn commit(self) -> Result<()> {
-        let shard = self.shard.clone();
-        // Under the write lock: the epoch cannot change until this returns.
+        // Validation first, before anything is built; all of it under the
+        // write lock, so the epoch and offset cannot change until this
+        // returns.
+        let plan = self.validate()?;
+        let Some(write) = self.encode(&plan) else {
+            return Ok(());
+        };
+        self.write(write)?;
+        self.publish(&plan);
+        Ok(())
+    }
+
+    /// Refuses a fenced batch, an epoch going backwards and a bad offset;
+    /// works out the event time and watermark the commit moves to.
+    fn validate(&self) -> Result<Plan> {
+        let shard = &self.shard;
         let current = shard.epoch();
         if let Some(epoch) = self.fence {
             if epoch != current {
@@ -207,24 +278,7 @@ impl<'s> Batch<'s> {
         if let Some(epoch) = self.new_epoch {
             // Checked here, under the lock, and not only by the caller: two
             // `assign_with_epoch` racing must not both win.
-            if epoch < current {
-                return Err(Error::Fenced {
-                    partition: shard.partition.clone(),
-                    current,
-                    attempted: epoch,
-                });
-            }
-        }
-        let mut write = WriteBatch::default();
-        // Sorted, so that RocksDB's memtable inserts walk forward instead of
-        // searching from the top for every key.
-        let mut keys: Vec<&Vec<u8>> = self.staged.keys().collect();
-        keys.sort_unstable();
-        for k in keys {
-            match self.staged[k].entry {
-                Some(e) => write.put_cf(&self.cf, k, e.encode()),
-                None => write.delete_cf(&self.cf, k),
-            }
+            refuse_older_epoch(&shard.partition, current, epoch)?;
         }
         if let Some(offset) = self.offset {
             if offset < 0 {
@@ -239,17 +293,40 @@ impl<'s> Batch<'s> {
                     });
                 }
             }
+        }
+        let event_time = self
+            .max_event_time
+            .filter(|&t| t > shard.event_time())
+            .map(|t| {
+                let watermark = t
+                    .saturating_sub(self.engine.lateness_millis())
+                    .max(shard.watermark());
+                (t, watermark)
+            });
+        Ok(Plan { event_time })
+    }
+
+    /// The RocksDB write of the batch, or `None` if it changes nothing.
+    fn encode(&self, plan: &Plan) -> Option<WriteBatch> {
+        let shard = &self.shard;
+        let mut write = WriteBatch::default();
+        // Sorted, so that RocksDB's memtable inserts walk forward instead of
+        // searching from the top for every key.
+        let mut keys: Vec<(&Vec<u8>, &Staged)> = self.staged.iter().collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (k, staged) in keys {
+            match staged.entry {
+                Some(e) => write.put_cf(&self.cf, k, e.encode()),
+                None => write.delete_cf(&self.cf, k),
+            }
+        }
+        if let Some(offset) = self.offset {
             write.put_cf(&self.cf, OFFSET_KEY, encode_offset(offset));
         }
         if let Some(epoch) = self.new_epoch {
             write.put_cf(&self.cf, EPOCH_KEY, epoch.to_be_bytes());
         }
-        let event_time = self.max_event_time.filter(|&t| t > shard.event_time());
-        let watermark = event_time.map(|t| {
-            t.saturating_sub(self.store.lateness_millis())
-                .max(shard.watermark())
-        });
-        if let (Some(t), Some(w)) = (event_time, watermark) {
+        if let Some((t, w)) = plan.event_time {
             write.put_cf(&self.cf, EVENT_TIME_KEY, t.to_be_bytes());
             // The watermark is stored with the event time, in the same write:
             // it never goes backwards, whatever `allowed_lateness` a later
@@ -259,16 +336,21 @@ impl<'s> Batch<'s> {
             }
         }
         if write.is_empty() {
-            return Ok(());
+            return None;
         }
-        let drops_snapshot = shard.snapshot_key_live();
-        if drops_snapshot {
+        if shard.snapshot_key_live() {
             // From now on the saved filter is out of date.
             write.delete_cf(&self.cf, SNAPSHOT_KEY);
         }
-        // Into the filter and the claim table before the write: a reader in
-        // between sees a false positive (confirmed away on disk), never a
-        // false negative. Claims that end are forgotten only after the write.
+        Some(write)
+    }
+
+    /// Writes the batch. New marks and claims go into the filter and the
+    /// claim table before the write: a reader in between sees a false
+    /// positive (confirmed away on disk), never a false negative. Claims
+    /// made are taken back if the write fails.
+    fn write(&self, write: WriteBatch) -> Result<()> {
+        let shard = &self.shard;
         {
             let mut filter = shard.filter.write();
             filter.expire(self.partition_now());
@@ -278,32 +360,42 @@ impl<'s> Batch<'s> {
                 }
             }
         }
-        let claims_made: Vec<_> = self
+        let claims_made: Vec<(&Vec<u8>, Option<Entry>)> = self
             .staged
             .iter()
             .filter(|(_, s)| matches!(s.entry, Some(Entry::Claimed { .. })))
-            .map(|(k, s)| (k.clone(), s.entry))
+            .map(|(k, s)| (k, s.entry))
             .collect();
         for (k, entry) in &claims_made {
             shard.note_claim(k, *entry);
         }
-        if let Err(e) = self.store.write(write) {
+        if let Err(e) = self.engine.write(write) {
             for (k, _) in &claims_made {
                 shard.note_claim(k, None);
             }
             return Err(e);
         }
-        let mut claims_changed = !claims_made.is_empty();
+        Ok(())
+    }
+
+    /// Publishes what the write made true: ended claims, the offset, the
+    /// epoch, the event time and watermark. Claims that end are forgotten
+    /// only now, after the write.
+    fn publish(&self, plan: &Plan) {
+        let shard = &self.shard;
+        let mut claims_changed = false;
         for (k, staged) in &self.staged {
-            if staged.claims && !matches!(staged.entry, Some(Entry::Claimed { .. })) {
-                shard.note_claim(k, staged.entry);
+            if staged.claims {
                 claims_changed = true;
+                if !matches!(staged.entry, Some(Entry::Claimed { .. })) {
+                    shard.note_claim(k, staged.entry);
+                }
             }
         }
         if claims_changed {
-            shard.expire_claims(self.store.now());
+            shard.expire_claims(self.engine.now());
         }
-        if drops_snapshot {
+        if shard.snapshot_key_live() {
             shard.set_snapshot_key_live(false);
         }
         if let Some(offset) = self.offset {
@@ -312,9 +404,9 @@ impl<'s> Batch<'s> {
         if let Some(epoch) = self.new_epoch {
             shard.set_epoch(epoch);
         }
-        if let (Some(t), Some(w)) = (event_time, watermark) {
+        if let Some((t, w)) = plan.event_time {
             shard.advance_event_time(t, w);
-            if self.store.durability() == Durability::Sync {
+            if self.engine.durability() == Durability::Sync {
                 // This write was fsynced: compaction may judge at it.
                 shard.make_watermark_durable(w);
             }
@@ -322,16 +414,15 @@ impl<'s> Batch<'s> {
         // Best effort: the batch is committed whatever this does. If the
         // ledger cannot be written, compaction keeps judging expiry at the
         // last recorded time, and the next commit tries again.
-        let _ = self.store.record_time_if_stale();
-        Ok(())
+        let _ = self.engine.record_time_if_stale();
     }
 
     // ---- crate-internal ----
 
-    /// Claims `key` for `lease`; see [`Store::claim`].
-    pub(crate) fn claim(&mut self, key: &[u8], lease: Duration) -> Result<Claim> {
-        self.store.validate_key(key)?;
-        let k = mark_key(self.store.key_mode(), key);
+    /// Claims a validated key for `lease`; see
+    /// [`Store::claim`](crate::Store::claim).
+    pub(crate) fn claim(&mut self, key: ValidKey<'_>, lease: Duration) -> Result<Claim> {
+        let k = self.engine.stored_key(key);
         Counters::bump(&self.shard.counters.checks);
         let now = self.times();
         match self.current(&k, now)?.0 {
@@ -366,34 +457,36 @@ impl<'s> Batch<'s> {
         }
     }
 
-    /// Stages a new epoch for the partition; see [`Store::assign_with_epoch`].
+    /// Stages a new epoch for the partition; see
+    /// [`Store::assign_with_epoch`](crate::Store::assign_with_epoch).
     pub(crate) fn set_epoch(&mut self, epoch: u64) {
         self.new_epoch = Some(epoch);
     }
 
-    fn check_and_mark_with(
+    /// Checks and marks a validated key, with an event time and a TTL of its
+    /// own if given.
+    pub(crate) fn check_and_mark_valid(
         &mut self,
-        key: &[u8],
+        key: ValidKey<'_>,
         event_time: Option<u64>,
         ttl_ms: Option<u64>,
     ) -> Result<Verdict> {
-        self.store.validate_key(key)?;
-        let k = mark_key(self.store.key_mode(), key);
+        let k = self.engine.stored_key(key);
         Counters::bump(&self.shard.counters.checks);
         let now = self.times();
-        let base = match (self.store.time_domain(), event_time) {
+        let base = match (self.engine.time_domain(), event_time) {
             (TimeDomain::EventTime, Some(t)) => {
                 self.max_event_time = Some(self.max_event_time.map_or(t, |m| m.max(t)));
                 t
             }
             _ => now.partition,
         };
-        let expires_at = expiry(base, ttl_ms.unwrap_or(self.store.ttl_millis()));
+        let expires_at = expiry(base, ttl_ms.unwrap_or(self.engine.ttl_millis()));
         match self.current(&k, now)?.0 {
             Some(current) => {
                 Counters::bump(&self.shard.counters.duplicates);
                 if let Entry::Done { expires_at: old } = current {
-                    if self.store.ttl_refresh() == TtlRefresh::OnDuplicate && expires_at > old {
+                    if self.engine.ttl_refresh() == TtlRefresh::OnDuplicate && expires_at > old {
                         self.stage(k, Some(Entry::Done { expires_at }), false);
                     }
                 }
@@ -418,7 +511,7 @@ impl<'s> Batch<'s> {
             return Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))));
         }
         let entry = self
-            .store
+            .engine
             .lookup(&self.shard, Some(&self.cf), k, now.partition, now.clock)?;
         Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))))
     }
@@ -442,15 +535,15 @@ impl<'s> Batch<'s> {
         }
         let entry = match self.staged.get(&token.stored_key) {
             Some(staged) => staged.entry,
-            None => self.store.read_entry(&self.cf, &token.stored_key)?,
+            None => self.engine.read_entry(&self.cf, &token.stored_key)?,
         };
-        let grace_ms = self.store.claim_grace_millis();
+        let grace_ms = self.engine.claim_grace_millis();
         match entry {
             // Still ours, even if the lease ran out, while nobody took it over
             // and for the claim grace after the lease (then compaction may
             // drop it).
             Some(e @ Entry::Claimed { token: t, .. })
-                if t == token.token && e.is_retained(0, self.store.now(), grace_ms) =>
+                if t == token.token && e.is_retained(0, self.engine.now(), grace_ms) =>
             {
                 Ok(())
             }
@@ -470,8 +563,8 @@ impl<'s> Batch<'s> {
 
     /// One reading of the clock, and the partition's time derived from it.
     fn times(&self) -> Now {
-        let clock = self.store.now();
-        let partition = self.shard.partition_now(self.store.time_domain(), clock);
+        let clock = self.engine.now();
+        let partition = self.shard.partition_now(self.engine.time_domain(), clock);
         Now { clock, partition }
     }
 }
@@ -491,4 +584,15 @@ impl std::fmt::Debug for Batch<'_> {
             .field("fence", &self.fence)
             .finish()
     }
+}
+
+/// A mark's own TTL in milliseconds, if it is in range (1 ms to 100 years).
+pub(crate) fn mark_ttl_millis(ttl: Duration) -> Result<u64> {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    if ttl_ms == 0 || ttl > MAX_TTL {
+        return Err(Error::InvalidOptions(format!(
+            "a mark's ttl must be between 1 ms and 100 years, got {ttl:?}"
+        )));
+    }
+    Ok(ttl_ms)
 }

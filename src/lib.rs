@@ -54,9 +54,11 @@ mod claim;
 mod clock;
 mod config;
 mod durable;
+mod engine;
 mod error;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+mod layout;
 mod ledger;
 mod manifest;
 mod membership;
@@ -67,6 +69,7 @@ mod snapshot;
 mod stats;
 mod store;
 mod ttl;
+mod verdict;
 mod wal;
 
 pub use batch::Batch;
@@ -75,9 +78,9 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh, MAX_KEY_LEN_LIMIT};
 pub use error::{Error, Result};
 pub use partition::Partition;
-pub use shard::Verdict;
 pub use stats::{PartitionStats, Stats};
 pub use store::Store;
+pub use verdict::Verdict;
 
 /// Internals exposed for the crate's own benchmarks and fuzz targets. Not part
 /// of the stable API: anything here may change in any release.

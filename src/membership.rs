@@ -6,8 +6,7 @@
 //! never wait for a shard's write lock: `revoke` takes the write lock first
 //! and membership after it, and `assign` writes a new shard's metadata before
 //! the shard is published, without any write lock. Holding membership is
-//! tracked per thread, and [`crate::shard::Shard::lock_writer`] asserts it is
-//! not held (in debug builds, which the tests run), so a path that breaks the
+//! tracked per thread, and a shard's `lock_writer` asserts it is not held (in debug builds, which the tests run), so a path that breaks the
 //! order fails every time it runs, not only when the race that would
 //! deadlock it happens.
 

@@ -1,93 +1,19 @@
-//! One partition's shard: its column family's key layout, its Bloom front,
-//! its write lock and its counters.
+//! One partition's shard in memory: its Bloom front, its claims, its write
+//! lock, its epoch, offset and event time, and its counters.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
 
-use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
-use xxhash_rust::xxh3::xxh3_128;
-
 use crate::bloom::ExpiringFilter;
-use crate::config::{KeyMode, TimeDomain};
+use crate::config::TimeDomain;
 use crate::error::{Error, Result};
-use crate::ttl::{CfShared, Entry};
+use crate::layout::Entry;
+use crate::stats::PartitionStats;
+use crate::ttl::{partition_time, CfShared};
 use crate::Partition;
-
-/// First byte of a mark key: `[MARK_TAG] ++ key` (or `++ xxh3_128(key)`).
-pub(crate) const MARK_TAG: u8 = 1;
-// A partition's own metadata keys start with 0x00, mark keys with MARK_TAG.
-
-/// The key of the partition's committed consumer offset (value: i64 BE).
-pub(crate) const OFFSET_KEY: &[u8] = b"\x00offset";
-/// The key of the partition's epoch (value: u64 BE).
-pub(crate) const EPOCH_KEY: &[u8] = b"\x00epoch";
-/// The key of the partition's highest committed event time (value: u64 BE).
-pub(crate) const EVENT_TIME_KEY: &[u8] = b"\x00event_time";
-/// The key of the partition's watermark (event-time stores; value: u64 BE):
-/// the highest `event_time - allowed_lateness` ever committed. Kept so that
-/// the watermark never goes backwards, even when a reopen raises
-/// `allowed_lateness`: compaction may already have dropped marks that
-/// expired at it. Absent in stores written before it existed.
-pub(crate) const WATERMARK_KEY: &[u8] = b"\x00watermark";
-
-/// The answer to "already processed?".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    /// The key has no live mark: process the message.
-    New,
-    /// The key was marked and its mark has not expired: skip the message.
-    Duplicate,
-}
-
-/// The stored form of a user key.
-pub(crate) fn mark_key(mode: KeyMode, key: &[u8]) -> Vec<u8> {
-    match mode {
-        KeyMode::Raw => {
-            let mut k = Vec::with_capacity(1 + key.len());
-            k.push(MARK_TAG);
-            k.extend_from_slice(key);
-            k
-        }
-        KeyMode::Hashed => {
-            let mut k = Vec::with_capacity(17);
-            k.push(MARK_TAG);
-            k.extend_from_slice(&xxh3_128(key).to_be_bytes());
-            k
-        }
-    }
-}
-
-pub(crate) fn encode_offset(offset: i64) -> [u8; 8] {
-    offset.to_be_bytes()
-}
-
-pub(crate) fn decode_u64(value: &[u8], what: &str) -> Result<u64> {
-    let bytes: [u8; 8] = value.try_into().map_err(|_| {
-        Error::Corruption(format!(
-            "stored {what} is {} bytes, expected 8",
-            value.len()
-        ))
-    })?;
-    Ok(u64::from_be_bytes(bytes))
-}
-
-pub(crate) fn decode_offset(value: &[u8]) -> Result<i64> {
-    let bytes: [u8; 8] = value.try_into().map_err(|_| {
-        Error::Corruption(format!(
-            "stored offset is {} bytes, expected 8",
-            value.len()
-        ))
-    })?;
-    let offset = i64::from_be_bytes(bytes);
-    if offset < 0 {
-        return Err(Error::Corruption(format!(
-            "stored offset {offset} is negative"
-        )));
-    }
-    Ok(offset)
-}
+use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
 
 /// Per-partition counters since the shard was assigned.
 #[derive(Debug, Default)]
@@ -219,13 +145,25 @@ impl Shard {
         self.watermark.load(Ordering::Acquire)
     }
 
-    /// "Now" for marks at clock time `clock`: the clock under processing
-    /// time, the partition's watermark under event time. The one place that
-    /// computes it.
+    /// "Now" for marks at clock time `clock`; see [`partition_time`].
     pub(crate) fn partition_now(&self, domain: TimeDomain, clock: u64) -> u64 {
-        match domain {
-            TimeDomain::ProcessingTime => clock,
-            TimeDomain::EventTime => self.watermark(),
+        partition_time(domain, clock, self.watermark())
+    }
+
+    /// The shard's counters, with RocksDB's estimate of its keys.
+    pub(crate) fn stats(&self, live_keys_estimate: u64) -> PartitionStats {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PartitionStats {
+            live_keys_estimate,
+            checks: load(&c.checks),
+            duplicates: load(&c.duplicates),
+            bloom_negatives: load(&c.bloom_negatives),
+            bloom_false_positives: load(&c.bloom_false_positives),
+            expired_dropped: load(&self.cf_shared.dropped),
+            filter_bytes: self.filter.read().memory_bytes(),
+            committed_offset: self.committed_offset(),
+            filter_from_snapshot: self.from_snapshot,
         }
     }
 
@@ -315,34 +253,5 @@ impl Shard {
     /// Publishes a committed offset; call with the write lock held.
     pub(crate) fn set_committed_offset(&self, offset: i64) {
         self.offset.store(offset, Ordering::Release);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mark_keys_never_collide_with_metadata() {
-        for mode in [KeyMode::Raw, KeyMode::Hashed] {
-            let k = mark_key(mode, b"offset");
-            assert_eq!(k[0], MARK_TAG);
-            assert_ne!(k.as_slice(), OFFSET_KEY);
-        }
-        assert_eq!(mark_key(KeyMode::Hashed, &[7; 1000]).len(), 17);
-        assert_eq!(
-            mark_key(KeyMode::Raw, b"abc"),
-            vec![MARK_TAG, b'a', b'b', b'c']
-        );
-    }
-
-    #[test]
-    fn offsets_round_trip_and_bad_ones_are_corruption() {
-        assert_eq!(decode_offset(&encode_offset(42)).unwrap(), 42);
-        assert!(matches!(decode_offset(&[1, 2]), Err(Error::Corruption(_))));
-        assert!(matches!(
-            decode_offset(&encode_offset(-5)),
-            Err(Error::Corruption(_))
-        ));
     }
 }

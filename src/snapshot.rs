@@ -33,13 +33,11 @@ use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
 use crate::bloom::ExpiringFilter;
 use crate::durable;
 use crate::error::{Error, Result};
-use crate::ttl::Entry;
+use crate::layout::Entry;
 
 const MAGIC: &[u8; 8] = b"EXSNAP02";
 /// Directory of snapshot files inside the store.
 pub(crate) const SNAPSHOT_DIR: &str = "filters";
-/// The key holding the id of the partition's valid snapshot (value: u64 BE).
-pub(crate) const SNAPSHOT_KEY: &[u8] = b"\x00filter_snapshot";
 
 /// The snapshot file of the column family `cf_name`. Named by a hash: a
 /// topic may be 249 characters, and a name derived from it could pass the

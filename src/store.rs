@@ -1,45 +1,23 @@
-//! The store: opening a directory, assigning partitions, and the single-key
-//! operations.
+//! The store: the engine, the shards of the assigned partitions, and
+//! assignment; the single-key operations run through a batch of their own.
 
 use std::collections::HashMap;
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
-use rocksdb::{
-    BoundColumnFamily, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, WriteBatch,
-    WriteOptions,
-};
+use parking_lot::RwLock;
 
-use crate::batch::Batch;
-use crate::bloom::ExpiringFilter;
-use crate::claim::{next_token, Claim, ClaimToken};
-use crate::clock::TimeKeeper;
-use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
+use crate::batch::{mark_ttl_millis, Batch};
+use crate::claim::{Claim, ClaimToken};
+use crate::config::Options;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::ledger::Ledger;
 use crate::membership::{Membership, MembershipGuard};
-use crate::recovery::{
-    check_after_open, check_before_open, db_options, has_rocksdb_data, partition_cf_options,
-    prepare_dir, Prepared,
-};
-use crate::shard::{
-    decode_offset, decode_u64, mark_key, Counters, Shard, ShardInit, Verdict, EPOCH_KEY,
-    EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, WATERMARK_KEY,
-};
-use crate::snapshot::{self, Taken, SNAPSHOT_KEY};
-use crate::stats::{PartitionStats, Stats};
-use crate::ttl::{CfShared, Entry};
+use crate::shard::{Counters, Shard};
+use crate::stats::Stats;
+use crate::verdict::Verdict;
 use crate::Partition;
-
-/// Key in the default column family holding the sequence number last pinned
-/// by [`Store::pin_sequence`]; nothing reads it back.
-const SEQUENCE_PIN_KEY: &[u8] = b"\x00sequence_pin";
-
-type Db = DBWithThreadMode<MultiThreaded>;
 
 /// An embedded dedup store: answers "already processed?" for idempotency
 /// keys, per Kafka partition, and keeps each partition's consumer offset.
@@ -76,31 +54,17 @@ type Db = DBWithThreadMode<MultiThreaded>;
 /// # Ok(()) }
 /// ```
 pub struct Store {
-    db: Db,
-    /// The directory lock; declared after `db` so it is released after
-    /// RocksDB has closed.
-    _lock: fs::File,
-    /// What was last recorded as durable; see [`crate::ledger`].
-    ledger: Mutex<Ledger>,
-    path: PathBuf,
-    options: Options,
-    ttl_millis: u64,
-    /// See [`Store::claim_grace_millis`].
-    claim_grace_ms: u64,
-    time: Arc<TimeKeeper>,
-    write_options: WriteOptions,
+    engine: Engine,
     shards: RwLock<HashMap<Partition, Arc<Shard>>>,
     /// Serialises assign, revoke and delete; see [`crate::membership`].
     membership: Membership,
-    /// State shared with each partition column family's compaction filter.
-    cf_shared: Mutex<HashMap<String, Arc<CfShared>>>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("path", &self.path)
-            .field("options", &self.options)
+            .field("path", &self.engine.path())
+            .field("options", self.engine.options())
             .field("assigned", &self.assigned())
             .finish()
     }
@@ -117,86 +81,10 @@ impl Store {
     /// [`Error::Corruption`] for damaged files; [`Error::Locked`] when another
     /// process (or another `Store` in this one) has it open.
     pub fn open(path: impl AsRef<Path>, options: Options) -> Result<Self> {
-        options.validate()?;
-        let path = path.as_ref().to_path_buf();
-        let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
-        let claim_grace_ms = manifest.claim_grace_ms.unwrap_or(options.ttl_millis());
-        let ledger = check_before_open(&path, &manifest)?;
-        let time = Arc::new(TimeKeeper::new(options.clock.clone()));
-        time.start_at(ledger.clock);
-        let mut db_options = db_options();
-        let has_current = path.join("CURRENT").exists();
-        let existing = if has_current {
-            Db::list_cf(&db_options, &path).map_err(|e| Error::storage(e, &path))?
-        } else if has_rocksdb_data(&path)? {
-            return Err(Error::Corruption(
-                "RocksDB's CURRENT file is missing but data files are present".into(),
-            ));
-        } else {
-            db_options.create_if_missing(true);
-            Vec::new()
-        };
-
-        let mut cf_shared = HashMap::new();
-        let mut descriptors = Vec::new();
-        for name in existing {
-            if name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME {
-                continue;
-            }
-            if Partition::from_cf_name(&name).is_none() {
-                return Err(Error::Corruption(format!(
-                    "unexpected column family {name:?}"
-                )));
-            }
-            let shared = Arc::new(CfShared::default());
-            let cf_options =
-                partition_cf_options(time.clone(), &options, claim_grace_ms, shared.clone());
-            cf_shared.insert(name.clone(), shared);
-            descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
-        }
-        let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
-            .map_err(|e| Error::storage(e, &path))?;
-        let ledger = check_after_open(
-            &path,
-            &manifest,
-            ledger,
-            db.latest_sequence_number(),
-            time.now(),
-            claim_grace_ms,
-        )?;
-        time.set_durable(ledger.clock);
-        if options.time_domain == TimeDomain::EventTime {
-            // What recovery read back is durable (RocksDB writes recovered
-            // logs to tables before it opens), so compaction may judge at
-            // each partition's stored watermark from the start.
-            for (name, shared) in &cf_shared {
-                let stored = match db.cf_handle(name) {
-                    Some(cf) => db.get_pinned_cf(&cf, WATERMARK_KEY),
-                    None => Ok(None),
-                };
-                if let Some(v) = stored.map_err(|e| Error::storage(e, &path))? {
-                    shared
-                        .watermark
-                        .fetch_max(decode_u64(&v, "watermark")?, Ordering::AcqRel);
-                }
-            }
-        }
-
-        let mut write_options = WriteOptions::default();
-        write_options.set_sync(options.durability == Durability::Sync);
         Ok(Self {
-            db,
-            _lock: lock,
-            ledger: Mutex::new(ledger),
-            path,
-            ttl_millis: options.ttl_millis(),
-            claim_grace_ms,
-            options,
-            time,
-            write_options,
+            engine: Engine::open(path.as_ref(), options)?,
             shards: RwLock::new(HashMap::new()),
             membership: Membership::default(),
-            cf_shared: Mutex::new(cf_shared),
         })
     }
 
@@ -270,116 +158,9 @@ impl Store {
         epoch: Option<u64>,
         _membership: &MembershipGuard<'_>,
     ) -> Result<()> {
-        let name = partition.cf_name();
-        if self.db.cf_handle(&name).is_none() {
-            let shared = Arc::new(CfShared::default());
-            let cf_options = partition_cf_options(
-                self.time.clone(),
-                &self.options,
-                self.claim_grace_ms,
-                shared.clone(),
-            );
-            self.db
-                .create_cf(&name, &cf_options)
-                .map_err(|e| self.storage(e))?;
-            self.cf_shared.lock().insert(name.clone(), shared);
-        }
-        let shared = self
-            .cf_shared
-            .lock()
-            .get(&name)
-            .cloned()
-            .unwrap_or_default();
-        let cf = self.cf_by_name(&name, partition)?;
-        let read_u64 = |key: &[u8], what: &str| -> Result<Option<u64>> {
-            self.db
-                .get_pinned_cf(&cf, key)
-                .map_err(|e| self.storage(e))?
-                .map(|v| decode_u64(&v, what))
-                .transpose()
-        };
-        let stored_epoch = read_u64(EPOCH_KEY, "epoch")?.unwrap_or(0);
-        if let Some(epoch) = epoch {
-            self.fence_check(partition, stored_epoch, epoch)?;
-        }
-        let event_time = read_u64(EVENT_TIME_KEY, "event time")?.unwrap_or(0);
-        let stored_watermark = read_u64(WATERMARK_KEY, "watermark")?;
-        let offset = self
-            .db
-            .get_pinned_cf(&cf, OFFSET_KEY)
-            .map_err(|e| self.storage(e))?
-            .map(|v| decode_offset(&v))
-            .transpose()?;
-        // Never below the stored watermark, whatever lateness this open has:
-        // compaction may have dropped marks that expired at it.
-        let watermark = event_time
-            .saturating_sub(self.options.lateness_millis())
-            .max(stored_watermark.unwrap_or(0));
-        let clock_now = self.now();
-        let partition_now = match self.options.time_domain {
-            TimeDomain::ProcessingTime => clock_now,
-            TimeDomain::EventTime => watermark,
-        };
-        let snapshot_id = read_u64(SNAPSHOT_KEY, "filter snapshot id")?;
-        let loaded = snapshot_id
-            .and_then(|id| {
-                snapshot::read(
-                    &self.path,
-                    &name,
-                    id,
-                    self.options.expected_keys_per_partition,
-                    self.options.bloom_fp_rate,
-                    self.ttl_millis,
-                )
-            })
-            // A snapshot taken at a later time than the store answers at now
-            // has dropped marks and claims that are live again (the clock
-            // stepped back across a restart the ledger did not see).
-            .filter(|l| l.taken.clock <= clock_now && l.taken.partition <= partition_now);
-        let from_snapshot = loaded.is_some();
-        let (mut filter, claims) = match loaded {
-            Some(l) => (l.filter, l.claims),
-            None => self.rebuild(&cf, partition_now)?,
-        };
-        filter.expire(partition_now);
-
-        let mut write = WriteBatch::default();
-        let new_epoch = epoch.filter(|&e| e != stored_epoch);
-        if let Some(e) = new_epoch {
-            write.put_cf(&cf, EPOCH_KEY, e.to_be_bytes());
-        }
-        if self.options.time_domain == TimeDomain::EventTime
-            && stored_watermark.is_none_or(|w| watermark > w)
-        {
-            write.put_cf(&cf, WATERMARK_KEY, watermark.to_be_bytes());
-        }
-        if !write.is_empty() {
-            self.write(write)?;
-        }
-        let init = ShardInit {
-            snapshot_key: snapshot_id.is_some(),
-            from_snapshot,
-            offset,
-            epoch: new_epoch.unwrap_or(stored_epoch),
-            event_time,
-            watermark,
-            filter,
-            claims,
-        };
-        drop(cf);
+        let (name, shared, init) = self.engine.load_partition(partition, epoch)?;
         let shard = Arc::new(Shard::new(partition.clone(), name, init, shared));
         self.shards.write().insert(partition.clone(), shard);
-        Ok(())
-    }
-
-    fn fence_check(&self, partition: &Partition, current: u64, attempted: u64) -> Result<()> {
-        if attempted < current {
-            return Err(Error::Fenced {
-                partition: partition.clone(),
-                current,
-                attempted,
-            });
-        }
         Ok(())
     }
 
@@ -400,7 +181,7 @@ impl Store {
     fn revoke_shard(&self, shard: &Arc<Shard>) -> Result<()> {
         let mut writer = shard.lock_writer()?;
         writer.revoked = true;
-        self.save_snapshot(shard);
+        self.engine.save_snapshot(shard);
         let _membership = self.membership.lock();
         let mut shards = self.shards.write();
         if shards
@@ -430,46 +211,16 @@ impl Store {
                     Err(e) => return Err(e),
                 }
             }
-            let _membership = self.membership.lock();
+            let membership = self.membership.lock();
             // Checked under membership, which every assign holds: if it was
             // assigned again since, revoke that shard too.
             if self.shards.read().contains_key(partition) {
-                drop(_membership);
+                drop(membership);
                 std::thread::yield_now();
                 continue;
             }
-            let name = partition.cf_name();
-            if self.db.cf_handle(&name).is_none() {
-                return Ok(false);
-            }
-            // The snapshot first: if the drop then fails, the data is still
-            // there and the next assign rebuilds its filter, and a retry
-            // deletes it; the other way round, an error would leave the data
-            // gone and the call reporting failure.
-            snapshot::remove(&self.path, &name)?;
-            self.pin_sequence()?;
-            self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
-            self.cf_shared.lock().remove(&name);
-            return Ok(true);
+            return self.engine.drop_partition(partition);
         }
-    }
-
-    /// Records RocksDB's current sequence number in its `MANIFEST`, by a
-    /// one-key write to the default column family and a flush of it.
-    ///
-    /// Dropping a column family can make RocksDB forget sequence numbers: a
-    /// drop is recorded without the last sequence number, and the log that
-    /// held the dropped family's writes is then deleted, so recovery can end
-    /// below a sequence number the ledger already recorded as durable, and
-    /// the ledger's check would take a healthy store for a damaged one.
-    /// Pinning the sequence before every drop keeps recovery at or above it.
-    fn pin_sequence(&self) -> Result<()> {
-        let sequence = self.db.latest_sequence_number();
-        let mut write = WriteBatch::default();
-        write.put(SEQUENCE_PIN_KEY, sequence.to_be_bytes());
-        self.write(write)?;
-        // `flush` is the default column family's.
-        self.db.flush().map_err(|e| self.storage(e))
     }
 
     /// The partitions assigned to this store, in order.
@@ -481,13 +232,16 @@ impl Store {
 
     /// Whether `key` has a live mark (or a live claim), without marking it.
     pub fn check(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
-        self.validate_key(key)?;
+        let key = self.engine.validate_key(key)?;
         let shard = self.shard(partition)?;
-        let k = mark_key(self.key_mode(), key);
+        let k = self.engine.stored_key(key);
         Counters::bump(&shard.counters.checks);
-        let clock_now = self.now();
-        let partition_now = shard.partition_now(self.options.time_domain, clock_now);
-        match self.lookup(&shard, None, &k, partition_now, clock_now)? {
+        let clock_now = self.engine.now();
+        let partition_now = shard.partition_now(self.engine.time_domain(), clock_now);
+        match self
+            .engine
+            .lookup(&shard, None, &k, partition_now, clock_now)?
+        {
             Some(_) => {
                 Counters::bump(&shard.counters.duplicates);
                 Ok(Verdict::Duplicate)
@@ -502,8 +256,8 @@ impl Store {
     /// a key with a live claim is a duplicate.
     pub fn check_and_mark(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
         // Bad input is reported before the partition is looked at.
-        self.validate_key(key)?;
-        self.single(partition, |b| b.check_and_mark(key))
+        let key = self.engine.validate_key(key)?;
+        self.single(partition, |b| b.check_and_mark_valid(key, None, None))
     }
 
     /// Marks `key` as processed; see [`check_and_mark`](Self::check_and_mark).
@@ -521,8 +275,10 @@ impl Store {
         event_time: u64,
     ) -> Result<Verdict> {
         // Bad input is reported before the partition is looked at.
-        self.validate_key(key)?;
-        self.single(partition, |b| b.check_and_mark_at(key, event_time))
+        let key = self.engine.validate_key(key)?;
+        self.single(partition, |b| {
+            b.check_and_mark_valid(key, Some(event_time), None)
+        })
     }
 
     /// [`mark`](Self::mark) with event time; see [`Batch::check_and_mark_at`].
@@ -535,16 +291,19 @@ impl Store {
     /// remembered longer (or shorter) than the store's TTL.
     pub fn mark_with_ttl(&self, partition: &Partition, key: &[u8], ttl: Duration) -> Result<()> {
         // Bad input is reported before the partition is looked at.
-        self.validate_key(key)?;
-        self.single(partition, |b| b.mark_with_ttl(key, ttl))
+        let key = self.engine.validate_key(key)?;
+        let ttl_ms = mark_ttl_millis(ttl)?;
+        self.single(partition, |b| {
+            b.check_and_mark_valid(key, None, Some(ttl_ms)).map(|_| ())
+        })
     }
 
     /// Removes `key`'s mark (or claim), so it checks as new again (e.g. the
     /// side effect was rolled back). Returns whether it had a live one.
     pub fn unmark(&self, partition: &Partition, key: &[u8]) -> Result<bool> {
         // Bad input is reported before the partition is looked at.
-        self.validate_key(key)?;
-        self.single(partition, |b| b.unmark(key))
+        let key = self.engine.validate_key(key)?;
+        self.single(partition, |b| b.unmark_valid(key))
     }
 
     /// Claims `key` for processing for `lease`, written at once so that
@@ -555,7 +314,7 @@ impl Store {
     /// runs out.
     pub fn claim(&self, partition: &Partition, key: &[u8], lease: Duration) -> Result<Claim> {
         // Bad input is reported before the partition is looked at.
-        self.validate_key(key)?;
+        let key = self.engine.validate_key(key)?;
         self.single(partition, |b| b.claim(key, lease))
     }
 
@@ -591,8 +350,8 @@ impl Store {
     pub fn batch(&self, partition: &Partition) -> Result<Batch<'_>> {
         let shard = self.shard(partition)?;
         let writer = shard.lock_writer()?;
-        let cf = self.cf(&shard)?;
-        Ok(Batch::new(self, shard, cf, writer))
+        let cf = self.engine.cf(&shard)?;
+        Ok(Batch::new(&self.engine, shard, cf, writer))
     }
 
     /// The partition's committed consumer offset: where to resume after a
@@ -611,55 +370,8 @@ impl Store {
     /// `docs/performance.md`). For power-cut safety of every batch, open the
     /// store with [`Durability::Sync`](crate::Durability::Sync) instead.
     pub fn sync(&self) -> Result<()> {
-        // Read before the fsync: every write up to them is then durable.
-        let sequence = self.db.latest_sequence_number();
-        let watermarks: Vec<(Arc<Shard>, u64)> = match self.options.time_domain {
-            TimeDomain::ProcessingTime => Vec::new(),
-            TimeDomain::EventTime => self
-                .shards
-                .read()
-                .values()
-                .map(|s| (s.clone(), s.watermark()))
-                .collect(),
-        };
-        self.db.flush_wal(true).map_err(|e| self.storage(e))?;
-        for (shard, watermark) in watermarks {
-            shard.make_watermark_durable(watermark);
-        }
-        self.record(sequence)
-    }
-
-    /// Writes the ledger if anything in it grew: `sequence` (durable, read
-    /// before a log fsync) and the store's time now; then lets compaction
-    /// use that time.
-    fn record(&self, sequence: u64) -> Result<()> {
-        let mut ledger = self.ledger.lock();
-        let next = ledger.durable_now(&self.path, sequence, self.now());
-        if next != *ledger {
-            next.write(&self.path)?;
-            *ledger = next;
-        }
-        self.time.set_durable(next.clock);
-        Ok(())
-    }
-
-    /// Records the store's time in the ledger once it is more than a quarter
-    /// TTL (and at least a second) past the recorded one, so that compaction,
-    /// which never judges expiry past the recorded time, keeps dropping
-    /// expired marks in a store that is never synced. Called after writes.
-    pub(crate) fn record_time_if_stale(&self) -> Result<()> {
-        let lag = (self.ttl_millis / 4).max(1_000);
-        if self.now() > self.time.durable().saturating_add(lag) {
-            self.record_time()?;
-        }
-        Ok(())
-    }
-
-    /// Records the store's time in the ledger, leaving its sequence floor
-    /// (raised only after a log fsync) as it is.
-    fn record_time(&self) -> Result<()> {
-        let sequence = self.ledger.lock().sequence;
-        self.record(sequence)
+        let shards: Vec<Arc<Shard>> = self.shards.read().values().cloned().collect();
+        self.engine.sync(&shards)
     }
 
     /// Runs a full compaction of the partition now, dropping its expired
@@ -667,12 +379,7 @@ impl Store {
     /// this is for tests and maintenance windows.
     pub fn compact(&self, partition: &Partition) -> Result<()> {
         let shard = self.shard(partition)?;
-        let cf = self.cf(&shard)?;
-        // Expiry is judged at the time the ledger records: record now first.
-        self.record_time()?;
-        self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
-        self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
-        Ok(())
+        self.engine.compact(&shard)
     }
 
     /// Counters per assigned partition.
@@ -680,39 +387,17 @@ impl Store {
         let shards: Vec<_> = self.shards.read().values().cloned().collect();
         let mut stats = Stats::default();
         for shard in shards {
-            let live_keys_estimate = self
-                .db
-                .cf_handle(&shard.cf_name)
-                .and_then(|cf| {
-                    self.db
-                        .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
-                        .ok()
-                        .flatten()
-                })
-                .unwrap_or(0);
-            let c = &shard.counters;
-            let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-            stats.partitions.insert(
-                shard.partition.clone(),
-                PartitionStats {
-                    live_keys_estimate,
-                    checks: load(&c.checks),
-                    duplicates: load(&c.duplicates),
-                    bloom_negatives: load(&c.bloom_negatives),
-                    bloom_false_positives: load(&c.bloom_false_positives),
-                    expired_dropped: load(&shard.cf_shared.dropped),
-                    filter_bytes: shard.filter.read().memory_bytes(),
-                    committed_offset: shard.committed_offset(),
-                    filter_from_snapshot: shard.from_snapshot,
-                },
-            );
+            let estimate = self.engine.keys_estimate(&shard);
+            stats
+                .partitions
+                .insert(shard.partition.clone(), shard.stats(estimate));
         }
         stats
     }
 
     /// The store's directory.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.engine.path()
     }
 
     /// Closes the store: fsyncs the write-ahead log, so everything
@@ -725,193 +410,11 @@ impl Store {
         self.sync()
     }
 
-    /// Saves the shard's filter and claims, then records the snapshot's id in
-    /// the partition; call with the write lock held, after the last write.
-    /// Best effort: if it fails, the next `assign` rebuilds from disk.
-    fn save_snapshot(&self, shard: &Shard) {
-        let id = next_token();
-        let clock = self.now();
-        let taken = Taken {
-            clock,
-            partition: shard.partition_now(self.options.time_domain, clock),
-        };
-        let saved = {
-            let filter = shard.filter.read();
-            snapshot::write(
-                &self.path,
-                &shard.cf_name,
-                id,
-                taken,
-                &filter,
-                &shard.claims(),
-            )
-        };
-        if saved.is_ok() {
-            if let Ok(cf) = self.cf(shard) {
-                let mut write = WriteBatch::default();
-                write.put_cf(&cf, SNAPSHOT_KEY, id.to_be_bytes());
-                if self.write(write).is_ok() {
-                    shard.set_snapshot_key_live(true);
-                }
-            }
-        }
-    }
-
-    // ---- crate-internal helpers used by `Batch` ----
-
-    pub(crate) fn now(&self) -> u64 {
-        self.time.now()
-    }
-
-    pub(crate) fn ttl_millis(&self) -> u64 {
-        self.ttl_millis
-    }
-
-    /// How long past its lease a claim can still be confirmed (fixed at
-    /// creation; see `Manifest::claim_grace_ms`).
-    pub(crate) fn claim_grace_millis(&self) -> u64 {
-        self.claim_grace_ms
-    }
-
-    pub(crate) fn durability(&self) -> Durability {
-        self.options.durability
-    }
-
-    pub(crate) fn key_mode(&self) -> KeyMode {
-        self.options.key_mode
-    }
-
-    pub(crate) fn validate_key(&self, key: &[u8]) -> Result<()> {
-        if key.is_empty() {
-            return Err(Error::EmptyKey);
-        }
-        if key.len() > self.options.max_key_len {
-            return Err(Error::KeyTooLong {
-                len: key.len(),
-                max: self.options.max_key_len,
-            });
-        }
-        Ok(())
-    }
-
-    pub(crate) fn time_domain(&self) -> TimeDomain {
-        self.options.time_domain
-    }
-
-    pub(crate) fn ttl_refresh(&self) -> TtlRefresh {
-        self.options.ttl_refresh
-    }
-
-    pub(crate) fn lateness_millis(&self) -> u64 {
-        self.options.lateness_millis()
-    }
-
-    /// "Already processed?" for a stored key: its live entry, if any. Claims
-    /// are known exactly in memory; marks go through the Bloom front, and
-    /// RocksDB confirms every positive (through `cf`, or the shard's column
-    /// family looked up only then).
-    pub(crate) fn lookup(
-        &self,
-        shard: &Shard,
-        cf: Option<&Arc<BoundColumnFamily<'_>>>,
-        k: &[u8],
-        partition_now: u64,
-        clock_now: u64,
-    ) -> Result<Option<Entry>> {
-        if let Some(claim) = shard.live_claim(k, clock_now) {
-            return Ok(Some(claim));
-        }
-        if !shard.filter.read().may_contain(k, partition_now) {
-            Counters::bump(&shard.counters.bloom_negatives);
-            return Ok(None);
-        }
-        let stored = match cf {
-            Some(cf) => self.read_entry(cf, k)?,
-            None => self.read_entry(&self.cf(shard)?, k)?,
-        };
-        match stored {
-            Some(e) if e.is_live(partition_now, clock_now) => Ok(Some(e)),
-            _ => {
-                Counters::bump(&shard.counters.bloom_false_positives);
-                Ok(None)
-            }
-        }
-    }
-
-    /// The stored entry of `k`, live or not.
-    pub(crate) fn read_entry(
-        &self,
-        cf: &Arc<BoundColumnFamily<'_>>,
-        k: &[u8],
-    ) -> Result<Option<Entry>> {
-        match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {
-            None => Ok(None),
-            Some(v) => Entry::decode(&v).map(Some).ok_or_else(|| {
-                Error::Corruption(format!("entry value of {} bytes is malformed", v.len()))
-            }),
-        }
-    }
-
-    pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
-        self.db
-            .write_opt(batch, &self.write_options)
-            .map_err(|e| self.storage(e))
-    }
-
     fn shard(&self, partition: &Partition) -> Result<Arc<Shard>> {
         self.shards
             .read()
             .get(partition)
             .cloned()
             .ok_or_else(|| Error::NotAssigned(partition.clone()))
-    }
-
-    fn cf(&self, shard: &Shard) -> Result<Arc<BoundColumnFamily<'_>>> {
-        self.cf_by_name(&shard.cf_name, &shard.partition)
-    }
-
-    fn cf_by_name(&self, name: &str, partition: &Partition) -> Result<Arc<BoundColumnFamily<'_>>> {
-        self.db
-            .cf_handle(name)
-            .ok_or_else(|| Error::NotAssigned(partition.clone()))
-    }
-
-    /// Builds a partition's Bloom front from its live marks on disk, and its
-    /// table of claims.
-    fn rebuild(
-        &self,
-        cf: &Arc<BoundColumnFamily<'_>>,
-        partition_now: u64,
-    ) -> Result<(ExpiringFilter, HashMap<Vec<u8>, Entry>)> {
-        let clock_now = self.now();
-        let mut filter = ExpiringFilter::new(
-            self.options.expected_keys_per_partition,
-            self.options.bloom_fp_rate,
-            self.ttl_millis,
-        );
-        let mut claims = HashMap::new();
-        let mut it = self.db.raw_iterator_cf(cf);
-        it.seek([MARK_TAG]);
-        while let (Some(k), Some(v)) = (it.key(), it.value()) {
-            let entry = Entry::decode(v).ok_or_else(|| {
-                Error::Corruption(format!("entry value of {} bytes is malformed", v.len()))
-            })?;
-            match entry {
-                Entry::Done { expires_at } if entry.is_live(partition_now, clock_now) => {
-                    filter.insert(k, expires_at);
-                }
-                Entry::Claimed { .. } => {
-                    claims.insert(k.to_vec(), entry);
-                }
-                Entry::Done { .. } => {}
-            }
-            it.next();
-        }
-        it.status().map_err(|e| self.storage(e))?;
-        Ok((filter, claims))
-    }
-
-    fn storage(&self, e: rocksdb::Error) -> Error {
-        Error::storage(e, &self.path)
     }
 }

@@ -1,5 +1,6 @@
-//! Expiry: what a key's value records, when it stops counting, and the
-//! compaction filter that drops expired entries from disk.
+//! Expiry: when a key's entry ([`Entry`], encoded in [`crate::layout`])
+//! stops counting, and the compaction filter that drops expired entries from
+//! disk.
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,72 +11,9 @@ use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilt
 
 use crate::clock::TimeKeeper;
 use crate::config::TimeDomain;
-use crate::shard::MARK_TAG;
-
-/// Tag of a processed mark: `[TAG_DONE, expires_at: u64 BE]`.
-const TAG_DONE: u8 = 1;
-/// Tag of an in-flight claim:
-/// `[TAG_CLAIM, lease_until: u64 BE, epoch: u64 BE, token: u64 BE]`.
-const TAG_CLAIM: u8 = 2;
-
-/// What the store records for a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Entry {
-    /// Processed; a duplicate while the partition's time is below `expires_at`
-    /// (processing time, or the partition's watermark under event time).
-    Done { expires_at: u64 },
-    /// Claimed by a processor; in flight while processing time is below
-    /// `lease_until`.
-    Claimed {
-        lease_until: u64,
-        epoch: u64,
-        token: u64,
-    },
-}
+use crate::layout::{Entry, MARK_TAG};
 
 impl Entry {
-    pub(crate) fn encode(&self) -> Vec<u8> {
-        match *self {
-            Self::Done { expires_at } => {
-                let mut v = Vec::with_capacity(9);
-                v.push(TAG_DONE);
-                v.extend_from_slice(&expires_at.to_be_bytes());
-                v
-            }
-            Self::Claimed {
-                lease_until,
-                epoch,
-                token,
-            } => {
-                let mut v = Vec::with_capacity(25);
-                v.push(TAG_CLAIM);
-                v.extend_from_slice(&lease_until.to_be_bytes());
-                v.extend_from_slice(&epoch.to_be_bytes());
-                v.extend_from_slice(&token.to_be_bytes());
-                v
-            }
-        }
-    }
-
-    /// `None` if the value is malformed.
-    pub(crate) fn decode(value: &[u8]) -> Option<Self> {
-        let word = |i: usize| -> Option<u64> {
-            let bytes: [u8; 8] = value.get(i..i + 8)?.try_into().ok()?;
-            Some(u64::from_be_bytes(bytes))
-        };
-        match (value.first(), value.len()) {
-            (Some(&TAG_DONE), 9) => Some(Self::Done {
-                expires_at: word(1)?,
-            }),
-            (Some(&TAG_CLAIM), 25) => Some(Self::Claimed {
-                lease_until: word(1)?,
-                epoch: word(9)?,
-                token: word(17)?,
-            }),
-            _ => None,
-        }
-    }
-
     /// Whether the entry must stay on disk: marks while live; claims for
     /// `grace_ms` (the store's claim grace, fixed at creation) past their
     /// lease, so that a processor whose lease ran out can still confirm while
@@ -94,6 +32,16 @@ impl Entry {
             Self::Done { expires_at } => is_live(expires_at, partition_now),
             Self::Claimed { lease_until, .. } => is_live(lease_until, clock_now),
         }
+    }
+}
+
+/// "Now" for marks at clock time `clock`: the clock under processing time,
+/// the partition's `watermark` under event time. The one place that decides
+/// it (reads, commits, rebuilds, snapshots and the compaction filter).
+pub(crate) fn partition_time(domain: TimeDomain, clock: u64, watermark: u64) -> u64 {
+    match domain {
+        TimeDomain::ProcessingTime => clock,
+        TimeDomain::EventTime => watermark,
     }
 }
 
@@ -161,10 +109,8 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
         // never later than the time the ledger recorded durably, nor past the
         // durable watermark.
         let clock_now = self.time.compaction_now();
-        let partition_now = match self.domain {
-            TimeDomain::ProcessingTime => clock_now,
-            TimeDomain::EventTime => self.shared.watermark.load(Ordering::Acquire),
-        };
+        let watermark = self.shared.watermark.load(Ordering::Acquire);
+        let partition_now = partition_time(self.domain, clock_now, watermark);
         ExpiryFilter {
             partition_now,
             clock_now,
@@ -209,32 +155,6 @@ impl CompactionFilter for ExpiryFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn entries_round_trip() {
-        for e in [
-            Entry::Done { expires_at: 0 },
-            Entry::Done {
-                expires_at: u64::MAX,
-            },
-            Entry::Claimed {
-                lease_until: 5,
-                epoch: 7,
-                token: u64::MAX,
-            },
-        ] {
-            assert_eq!(Entry::decode(&e.encode()), Some(e));
-        }
-    }
-
-    #[test]
-    fn malformed_values_do_not_decode() {
-        assert_eq!(Entry::decode(&[]), None);
-        assert_eq!(Entry::decode(&[TAG_DONE, 1, 2]), None);
-        assert_eq!(Entry::decode(&[7, 0, 0, 0, 0, 0, 0, 0, 1]), None);
-        assert_eq!(Entry::decode(&[TAG_DONE; 10]), None);
-        assert_eq!(Entry::decode(&[TAG_CLAIM; 9]), None);
-    }
 
     #[test]
     fn liveness_boundary_is_exclusive() {

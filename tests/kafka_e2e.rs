@@ -748,6 +748,8 @@ fn keyless_messages_are_processed_or_stop_the_consumer_by_policy() {
         "the keyless message reached the handler without a key"
     );
     assert_eq!(seen.iter().filter(|(_, k)| k.is_some()).count(), 10);
+    // Each keyed message was looked up once, in its batch.
+    assert_eq!(process.context().store().stats().partitions[&p].checks, 10);
     assert_eq!(
         process.context().store().committed_offset(&p).unwrap(),
         Some(11)

@@ -218,3 +218,26 @@ fn the_longest_topic_kafka_allows_keeps_its_snapshot_and_deletes_cleanly() {
         assert_eq!(store.check(&p, b"k").unwrap(), Verdict::New);
     }
 }
+
+#[test]
+fn a_batch_check_sees_its_own_marks_and_marks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _clock) = open(dir.path());
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    store.mark(&p, b"old").unwrap();
+    let mut batch = store.batch(&p).unwrap();
+    assert_eq!(batch.check(b"old").unwrap(), Verdict::Duplicate);
+    assert_eq!(batch.check(b"new").unwrap(), Verdict::New);
+    // A check marks nothing: still new, and the batch is empty.
+    assert_eq!(batch.check(b"new").unwrap(), Verdict::New);
+    assert!(batch.is_empty());
+    batch.mark(b"new").unwrap();
+    assert_eq!(batch.check(b"new").unwrap(), Verdict::Duplicate);
+    assert!(matches!(batch.check(b""), Err(exactly::Error::EmptyKey)));
+    // Dropped uncommitted: nothing was written.
+    drop(batch);
+    assert_eq!(store.check(&p, b"new").unwrap(), Verdict::New);
+    // Each check counts once.
+    assert_eq!(store.stats().partitions[&p].checks, 1 + 5 + 1);
+}

@@ -1,0 +1,588 @@
+//! The engine: the bottom of the data path, under [`crate::Store`] and
+//! [`crate::Batch`], which both use it and which it never uses.
+//!
+//! It owns the RocksDB handle and everything that goes with it: the column
+//! families and their compaction filters' shared state, the options, the
+//! store's time, the durability ledger and the write options. It reads a
+//! partition's state from disk (to open a shard), looks keys up, writes, and
+//! saves and drops what belongs to a partition. It knows nothing of which
+//! partitions are assigned: that is the store's.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rocksdb::{
+    BoundColumnFamily, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, WriteBatch,
+    WriteOptions,
+};
+
+use crate::bloom::ExpiringFilter;
+use crate::claim::next_token;
+use crate::clock::TimeKeeper;
+use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
+use crate::error::{Error, Result};
+use crate::layout::{
+    decode_entry, decode_offset, decode_u64, mark_key, Entry, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG,
+    OFFSET_KEY, SEQUENCE_PIN_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+};
+use crate::ledger::Ledger;
+use crate::recovery::{
+    check_after_open, check_before_open, db_options, has_rocksdb_data, partition_cf_options,
+    prepare_dir, Prepared,
+};
+use crate::shard::{Counters, Shard, ShardInit};
+use crate::snapshot::{self, Taken};
+use crate::ttl::CfShared;
+use crate::Partition;
+
+type Db = DBWithThreadMode<MultiThreaded>;
+
+/// A column family handle, borrowed from the engine.
+pub(crate) type Cf<'e> = Arc<BoundColumnFamily<'e>>;
+
+/// A user key that passed validation (not empty, not too long): the one
+/// check every call makes, once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ValidKey<'k>(&'k [u8]);
+
+/// The store's RocksDB and what goes with it; see the module documentation.
+pub(crate) struct Engine {
+    db: Db,
+    /// The directory lock; declared after `db` so it is released after
+    /// RocksDB has closed.
+    _lock: fs::File,
+    /// What was last recorded as durable; see [`crate::ledger`].
+    ledger: Mutex<Ledger>,
+    path: PathBuf,
+    options: Options,
+    ttl_millis: u64,
+    /// See [`Engine::claim_grace_millis`].
+    claim_grace_ms: u64,
+    time: Arc<TimeKeeper>,
+    write_options: WriteOptions,
+    /// State shared with each partition column family's compaction filter.
+    cf_shared: Mutex<HashMap<String, Arc<CfShared>>>,
+}
+
+impl Engine {
+    /// Opens (or creates) the store's files in `path`; see
+    /// [`crate::Store::open`] for the errors.
+    pub(crate) fn open(path: &Path, options: Options) -> Result<Self> {
+        options.validate()?;
+        let path = path.to_path_buf();
+        let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
+        let claim_grace_ms = manifest.claim_grace_ms.unwrap_or(options.ttl_millis());
+        let ledger = check_before_open(&path, &manifest)?;
+        let time = Arc::new(TimeKeeper::new(options.clock.clone()));
+        time.start_at(ledger.clock);
+        let mut db_options = db_options();
+        let has_current = path.join("CURRENT").exists();
+        let existing = if has_current {
+            Db::list_cf(&db_options, &path).map_err(|e| Error::storage(e, &path))?
+        } else if has_rocksdb_data(&path)? {
+            return Err(Error::Corruption(
+                "RocksDB's CURRENT file is missing but data files are present".into(),
+            ));
+        } else {
+            db_options.create_if_missing(true);
+            Vec::new()
+        };
+
+        let mut cf_shared = HashMap::new();
+        let mut descriptors = Vec::new();
+        for name in existing {
+            if name == rocksdb::DEFAULT_COLUMN_FAMILY_NAME {
+                continue;
+            }
+            if Partition::from_cf_name(&name).is_none() {
+                return Err(Error::Corruption(format!(
+                    "unexpected column family {name:?}"
+                )));
+            }
+            let shared = Arc::new(CfShared::default());
+            let cf_options =
+                partition_cf_options(time.clone(), &options, claim_grace_ms, shared.clone());
+            cf_shared.insert(name.clone(), shared);
+            descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
+        }
+        let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
+            .map_err(|e| Error::storage(e, &path))?;
+        let ledger = check_after_open(
+            &path,
+            &manifest,
+            ledger,
+            db.latest_sequence_number(),
+            time.now(),
+            claim_grace_ms,
+        )?;
+        time.set_durable(ledger.clock);
+        if options.time_domain == TimeDomain::EventTime {
+            // What recovery read back is durable (RocksDB writes recovered
+            // logs to tables before it opens), so compaction may judge at
+            // each partition's stored watermark from the start.
+            for (name, shared) in &cf_shared {
+                let stored = match db.cf_handle(name) {
+                    Some(cf) => db.get_pinned_cf(&cf, WATERMARK_KEY),
+                    None => Ok(None),
+                };
+                if let Some(v) = stored.map_err(|e| Error::storage(e, &path))? {
+                    shared
+                        .watermark
+                        .fetch_max(decode_u64(&v, "watermark")?, Ordering::AcqRel);
+                }
+            }
+        }
+
+        let mut write_options = WriteOptions::default();
+        write_options.set_sync(options.durability == Durability::Sync);
+        Ok(Self {
+            db,
+            _lock: lock,
+            ledger: Mutex::new(ledger),
+            path,
+            ttl_millis: options.ttl_millis(),
+            claim_grace_ms,
+            options,
+            time,
+            write_options,
+            cf_shared: Mutex::new(cf_shared),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn options(&self) -> &Options {
+        &self.options
+    }
+
+    // ---- time and options ----
+
+    /// The store's time (ms); never goes backwards.
+    pub(crate) fn now(&self) -> u64 {
+        self.time.now()
+    }
+
+    pub(crate) fn ttl_millis(&self) -> u64 {
+        self.ttl_millis
+    }
+
+    /// How long past its lease a claim can still be confirmed: the TTL of
+    /// the store's creation (`Manifest::claim_grace_ms`), whatever `ttl` this
+    /// open has, because the compaction filter keeps claims that long.
+    pub(crate) fn claim_grace_millis(&self) -> u64 {
+        self.claim_grace_ms
+    }
+
+    pub(crate) fn durability(&self) -> Durability {
+        self.options.durability
+    }
+
+    pub(crate) fn time_domain(&self) -> TimeDomain {
+        self.options.time_domain
+    }
+
+    pub(crate) fn ttl_refresh(&self) -> TtlRefresh {
+        self.options.ttl_refresh
+    }
+
+    pub(crate) fn lateness_millis(&self) -> u64 {
+        self.options.lateness_millis()
+    }
+
+    /// Checks a user key against the options.
+    pub(crate) fn validate_key<'k>(&self, key: &'k [u8]) -> Result<ValidKey<'k>> {
+        if key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        if key.len() > self.options.max_key_len {
+            return Err(Error::KeyTooLong {
+                len: key.len(),
+                max: self.options.max_key_len,
+            });
+        }
+        Ok(ValidKey(key))
+    }
+
+    /// The stored form of a valid key.
+    pub(crate) fn stored_key(&self, key: ValidKey<'_>) -> Vec<u8> {
+        mark_key(self.key_mode(), key.0)
+    }
+
+    fn key_mode(&self) -> KeyMode {
+        self.options.key_mode
+    }
+
+    // ---- column families, reads and writes ----
+
+    pub(crate) fn cf(&self, shard: &Shard) -> Result<Cf<'_>> {
+        self.cf_by_name(&shard.cf_name, &shard.partition)
+    }
+
+    fn cf_by_name(&self, name: &str, partition: &Partition) -> Result<Cf<'_>> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| Error::NotAssigned(partition.clone()))
+    }
+
+    /// "Already processed?" for a stored key: its live entry, if any. Claims
+    /// are known exactly in memory; marks go through the Bloom front, and
+    /// RocksDB confirms every positive (through `cf`, or the shard's column
+    /// family looked up only then).
+    pub(crate) fn lookup(
+        &self,
+        shard: &Shard,
+        cf: Option<&Cf<'_>>,
+        k: &[u8],
+        partition_now: u64,
+        clock_now: u64,
+    ) -> Result<Option<Entry>> {
+        if let Some(claim) = shard.live_claim(k, clock_now) {
+            return Ok(Some(claim));
+        }
+        if !shard.filter.read().may_contain(k, partition_now) {
+            Counters::bump(&shard.counters.bloom_negatives);
+            return Ok(None);
+        }
+        let stored = match cf {
+            Some(cf) => self.read_entry(cf, k)?,
+            None => self.read_entry(&self.cf(shard)?, k)?,
+        };
+        match stored {
+            Some(e) if e.is_live(partition_now, clock_now) => Ok(Some(e)),
+            _ => {
+                Counters::bump(&shard.counters.bloom_false_positives);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The stored entry of `k`, live or not.
+    pub(crate) fn read_entry(&self, cf: &Cf<'_>, k: &[u8]) -> Result<Option<Entry>> {
+        match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {
+            None => Ok(None),
+            Some(v) => decode_entry(&v).map(Some),
+        }
+    }
+
+    /// Writes `batch` atomically, as durable as the options promise.
+    pub(crate) fn write(&self, batch: WriteBatch) -> Result<()> {
+        self.db
+            .write_opt(batch, &self.write_options)
+            .map_err(|e| self.storage(e))
+    }
+
+    fn storage(&self, e: rocksdb::Error) -> Error {
+        Error::storage(e, &self.path)
+    }
+
+    // ---- a partition's state on disk ----
+
+    /// Reads an unassigned partition's state from disk (creating its column
+    /// family if it has none) and writes the new epoch, if any, and the
+    /// watermark this open starts from: everything a new shard starts with,
+    /// on disk before the shard exists.
+    ///
+    /// Errors: [`Error::Fenced`] (nothing written) if the stored epoch is
+    /// higher than `epoch`.
+    pub(crate) fn load_partition(
+        &self,
+        partition: &Partition,
+        epoch: Option<u64>,
+    ) -> Result<(String, Arc<CfShared>, ShardInit)> {
+        let name = partition.cf_name();
+        if self.db.cf_handle(&name).is_none() {
+            let shared = Arc::new(CfShared::default());
+            let cf_options = partition_cf_options(
+                self.time.clone(),
+                &self.options,
+                self.claim_grace_ms,
+                shared.clone(),
+            );
+            self.db
+                .create_cf(&name, &cf_options)
+                .map_err(|e| self.storage(e))?;
+            self.cf_shared.lock().insert(name.clone(), shared);
+        }
+        let shared = self
+            .cf_shared
+            .lock()
+            .get(&name)
+            .cloned()
+            .unwrap_or_default();
+        let cf = self.cf_by_name(&name, partition)?;
+        let read_u64 = |key: &[u8], what: &str| -> Result<Option<u64>> {
+            self.db
+                .get_pinned_cf(&cf, key)
+                .map_err(|e| self.storage(e))?
+                .map(|v| decode_u64(&v, what))
+                .transpose()
+        };
+        let stored_epoch = read_u64(EPOCH_KEY, "epoch")?.unwrap_or(0);
+        if let Some(epoch) = epoch {
+            refuse_older_epoch(partition, stored_epoch, epoch)?;
+        }
+        let event_time = read_u64(EVENT_TIME_KEY, "event time")?.unwrap_or(0);
+        let stored_watermark = read_u64(WATERMARK_KEY, "watermark")?;
+        let offset = self
+            .db
+            .get_pinned_cf(&cf, OFFSET_KEY)
+            .map_err(|e| self.storage(e))?
+            .map(|v| decode_offset(&v))
+            .transpose()?;
+        // Never below the stored watermark, whatever lateness this open has:
+        // compaction may have dropped marks that expired at it.
+        let watermark = event_time
+            .saturating_sub(self.options.lateness_millis())
+            .max(stored_watermark.unwrap_or(0));
+        let clock_now = self.now();
+        let partition_now = match self.options.time_domain {
+            TimeDomain::ProcessingTime => clock_now,
+            TimeDomain::EventTime => watermark,
+        };
+        let snapshot_id = read_u64(SNAPSHOT_KEY, "filter snapshot id")?;
+        let loaded = snapshot_id
+            .and_then(|id| {
+                snapshot::read(
+                    &self.path,
+                    &name,
+                    id,
+                    self.options.expected_keys_per_partition,
+                    self.options.bloom_fp_rate,
+                    self.ttl_millis,
+                )
+            })
+            // A snapshot taken at a later time than the store answers at now
+            // has dropped marks and claims that are live again (the clock
+            // stepped back across a restart the ledger did not see).
+            .filter(|l| l.taken.clock <= clock_now && l.taken.partition <= partition_now);
+        let from_snapshot = loaded.is_some();
+        let (mut filter, claims) = match loaded {
+            Some(l) => (l.filter, l.claims),
+            None => self.rebuild(&cf, partition_now)?,
+        };
+        filter.expire(partition_now);
+
+        let mut write = WriteBatch::default();
+        let new_epoch = epoch.filter(|&e| e != stored_epoch);
+        if let Some(e) = new_epoch {
+            write.put_cf(&cf, EPOCH_KEY, e.to_be_bytes());
+        }
+        if self.options.time_domain == TimeDomain::EventTime
+            && stored_watermark.is_none_or(|w| watermark > w)
+        {
+            write.put_cf(&cf, WATERMARK_KEY, watermark.to_be_bytes());
+        }
+        if !write.is_empty() {
+            self.write(write)?;
+        }
+        let init = ShardInit {
+            snapshot_key: snapshot_id.is_some(),
+            from_snapshot,
+            offset,
+            epoch: new_epoch.unwrap_or(stored_epoch),
+            event_time,
+            watermark,
+            filter,
+            claims,
+        };
+        Ok((name, shared, init))
+    }
+
+    /// Builds a partition's Bloom front from its live marks on disk, and its
+    /// table of claims.
+    fn rebuild(
+        &self,
+        cf: &Cf<'_>,
+        partition_now: u64,
+    ) -> Result<(ExpiringFilter, HashMap<Vec<u8>, Entry>)> {
+        let clock_now = self.now();
+        let mut filter = ExpiringFilter::new(
+            self.options.expected_keys_per_partition,
+            self.options.bloom_fp_rate,
+            self.ttl_millis,
+        );
+        let mut claims = HashMap::new();
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek([MARK_TAG]);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let entry = decode_entry(v)?;
+            match entry {
+                Entry::Done { expires_at } if entry.is_live(partition_now, clock_now) => {
+                    filter.insert(k, expires_at);
+                }
+                Entry::Claimed { .. } => {
+                    claims.insert(k.to_vec(), entry);
+                }
+                Entry::Done { .. } => {}
+            }
+            it.next();
+        }
+        it.status().map_err(|e| self.storage(e))?;
+        Ok((filter, claims))
+    }
+
+    /// Saves the shard's filter and claims, then records the snapshot's id in
+    /// the partition; call with the write lock held, after the last write.
+    /// Best effort: if it fails, the next `assign` rebuilds from disk.
+    pub(crate) fn save_snapshot(&self, shard: &Shard) {
+        let id = next_token();
+        let clock = self.now();
+        let taken = Taken {
+            clock,
+            partition: shard.partition_now(self.options.time_domain, clock),
+        };
+        let saved = {
+            let filter = shard.filter.read();
+            snapshot::write(
+                &self.path,
+                &shard.cf_name,
+                id,
+                taken,
+                &filter,
+                &shard.claims(),
+            )
+        };
+        if saved.is_ok() {
+            if let Ok(cf) = self.cf(shard) {
+                let mut write = WriteBatch::default();
+                write.put_cf(&cf, SNAPSHOT_KEY, id.to_be_bytes());
+                if self.write(write).is_ok() {
+                    shard.set_snapshot_key_live(true);
+                }
+            }
+        }
+    }
+
+    /// Deletes an unassigned partition's data. Returns whether it had any.
+    pub(crate) fn drop_partition(&self, partition: &Partition) -> Result<bool> {
+        let name = partition.cf_name();
+        if self.db.cf_handle(&name).is_none() {
+            return Ok(false);
+        }
+        // The snapshot first: if the drop then fails, the data is still
+        // there and the next assign rebuilds its filter, and a retry deletes
+        // it; the other way round, an error would leave the data gone and
+        // the call reporting failure.
+        snapshot::remove(&self.path, &name)?;
+        self.pin_sequence()?;
+        self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
+        self.cf_shared.lock().remove(&name);
+        Ok(true)
+    }
+
+    /// Records RocksDB's current sequence number in its `MANIFEST`, by a
+    /// one-key write to the default column family and a flush of it.
+    ///
+    /// Dropping a column family can make RocksDB forget sequence numbers: a
+    /// drop is recorded without the last sequence number, and the log that
+    /// held the dropped family's writes is then deleted, so recovery can end
+    /// below a sequence number the ledger already recorded as durable, and
+    /// the ledger's check would take a healthy store for a damaged one.
+    /// Pinning the sequence before every drop keeps recovery at or above it.
+    fn pin_sequence(&self) -> Result<()> {
+        let sequence = self.db.latest_sequence_number();
+        let mut write = WriteBatch::default();
+        write.put(SEQUENCE_PIN_KEY, sequence.to_be_bytes());
+        self.write(write)?;
+        // `flush` is the default column family's.
+        self.db.flush().map_err(|e| self.storage(e))
+    }
+
+    /// RocksDB's estimate of the keys in the shard's column family.
+    pub(crate) fn keys_estimate(&self, shard: &Shard) -> u64 {
+        self.db
+            .cf_handle(&shard.cf_name)
+            .and_then(|cf| {
+                self.db
+                    .property_int_value_cf(&cf, "rocksdb.estimate-num-keys")
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Runs a full compaction of the shard's column family now.
+    pub(crate) fn compact(&self, shard: &Shard) -> Result<()> {
+        let cf = self.cf(shard)?;
+        // Expiry is judged at the time the ledger records: record now first.
+        self.record_time()?;
+        self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
+        self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
+    // ---- durability ----
+
+    /// Fsyncs the write-ahead log and records the durable state in the
+    /// ledger; then lets compaction judge each of `shards` at the watermark
+    /// it had before the fsync (event-time stores).
+    pub(crate) fn sync(&self, shards: &[Arc<Shard>]) -> Result<()> {
+        // Read before the fsync: every write up to them is then durable.
+        let sequence = self.db.latest_sequence_number();
+        let watermarks: Vec<(&Arc<Shard>, u64)> = match self.options.time_domain {
+            TimeDomain::ProcessingTime => Vec::new(),
+            TimeDomain::EventTime => shards.iter().map(|s| (s, s.watermark())).collect(),
+        };
+        self.db.flush_wal(true).map_err(|e| self.storage(e))?;
+        for (shard, watermark) in watermarks {
+            shard.make_watermark_durable(watermark);
+        }
+        self.record(sequence)
+    }
+
+    /// Writes the ledger if anything in it grew: `sequence` (durable, read
+    /// before a log fsync) and the store's time now; then lets compaction
+    /// use that time.
+    fn record(&self, sequence: u64) -> Result<()> {
+        let mut ledger = self.ledger.lock();
+        let next = ledger.durable_now(&self.path, sequence, self.now());
+        if next != *ledger {
+            next.write(&self.path)?;
+            *ledger = next;
+        }
+        self.time.set_durable(next.clock);
+        Ok(())
+    }
+
+    /// Records the store's time in the ledger once it is more than a quarter
+    /// TTL (and at least a second) past the recorded one, so that compaction,
+    /// which never judges expiry past the recorded time, keeps dropping
+    /// expired marks in a store that is never synced. Called after writes.
+    pub(crate) fn record_time_if_stale(&self) -> Result<()> {
+        let lag = (self.ttl_millis / 4).max(1_000);
+        if self.now() > self.time.durable().saturating_add(lag) {
+            self.record_time()?;
+        }
+        Ok(())
+    }
+
+    /// Records the store's time in the ledger, leaving its sequence floor
+    /// (raised only after a log fsync) as it is.
+    fn record_time(&self) -> Result<()> {
+        let sequence = self.ledger.lock().sequence;
+        self.record(sequence)
+    }
+}
+
+/// [`Error::Fenced`] if `attempted` is older than the partition's `current`
+/// epoch: epochs never go backwards.
+pub(crate) fn refuse_older_epoch(
+    partition: &Partition,
+    current: u64,
+    attempted: u64,
+) -> Result<()> {
+    if attempted < current {
+        return Err(Error::Fenced {
+            partition: partition.clone(),
+            current,
+            attempted,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,401 @@
+//! The idempotent poll loop.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
+use super::error::ConsumeError;
+use super::keys::{KeySource, MissingKey};
+use crate::batch::Batch;
+use crate::Partition;
+
+/// When the poll loop commits offsets to Kafka. Kafka commits always follow
+/// the store commit; the store's offsets are the resume points, and Kafka's
+/// are the copy other consumer instances see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KafkaCommit {
+    /// After each poll batch, asynchronously (the default).
+    #[default]
+    Async,
+    /// After each poll batch, waiting for the broker: the group's offsets
+    /// never lag the store's by more than the batch in progress, which
+    /// narrows what the next owner replays when a consumer with its own store
+    /// dies, at the cost of a round trip per batch.
+    Sync,
+    /// Only on revocation (the handover, see
+    /// [`DedupContext::handover_commit`]). Suits consumers that all share
+    /// one store, which holds the offsets anyway; with one store per
+    /// instance, a consumer that dies makes the next owner replay everything
+    /// since its last handover.
+    OnRevoke,
+}
+
+/// What one [`IdempotentConsumer::poll_batch`] did.
+#[derive(Debug, Default)]
+pub struct PollReport {
+    /// Messages polled and handled or skipped.
+    pub messages: usize,
+    /// Messages whose handler ran (new keys, and keyless ones under
+    /// [`MissingKey::Process`]).
+    pub processed: usize,
+    /// Messages skipped as duplicates.
+    pub duplicates: usize,
+    /// Keyless messages skipped under [`MissingKey::Skip`].
+    pub skipped: usize,
+    /// Messages polled before a rebalance and dropped unprocessed (they are
+    /// delivered again from the resume point).
+    pub discarded: usize,
+    /// The offsets committed to the store (and then to Kafka), per partition.
+    pub committed: Vec<(Partition, i64)>,
+    /// Non-fatal Kafka errors: errors returned by poll (librdkafka recovers
+    /// from them on its own) and a failed asynchronous commit request.
+    pub kafka_errors: Vec<KafkaError>,
+}
+
+/// The idempotent poll loop over a consumer with a [`DedupContext`].
+///
+/// Per call of [`poll_batch`](Self::poll_batch): poll up to `max_batch`
+/// messages; per partition, open one store batch, and for each message
+/// extract its key, skip it if it is a duplicate, else call the handler and
+/// mark the key; commit the marks with the offset after the last message in
+/// one atomic store write; finally commit the offsets to Kafka, as
+/// [`KafkaCommit`] says (asynchronously by default).
+pub struct IdempotentConsumer {
+    consumer: DedupConsumer,
+    keys: KeySource,
+    missing: MissingKey,
+    max_batch: usize,
+    seek_timeout: Duration,
+    kafka_commit: KafkaCommit,
+}
+
+impl std::fmt::Debug for IdempotentConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotentConsumer")
+            .field("keys", &self.keys)
+            .field("missing", &self.missing)
+            .field("max_batch", &self.max_batch)
+            .finish()
+    }
+}
+
+impl IdempotentConsumer {
+    /// Runs the loop over `consumer` (already subscribed or assigned),
+    /// taking each message's idempotency key from `keys`.
+    pub fn new(consumer: DedupConsumer, keys: KeySource) -> Self {
+        Self {
+            consumer,
+            keys,
+            missing: MissingKey::default(),
+            max_batch: 500,
+            seek_timeout: Duration::from_secs(10),
+            kafka_commit: KafkaCommit::default(),
+        }
+    }
+
+    /// When offsets are committed to Kafka after the store commit (default
+    /// [`KafkaCommit::Async`]).
+    pub fn kafka_commit(mut self, when: KafkaCommit) -> Self {
+        self.kafka_commit = when;
+        self
+    }
+
+    /// The policy for messages without a key (default [`MissingKey::Fail`]).
+    pub fn missing_key(mut self, policy: MissingKey) -> Self {
+        self.missing = policy;
+        self
+    }
+
+    /// The most messages per poll batch (default 500, at least 1).
+    pub fn max_batch(mut self, max: usize) -> Self {
+        self.max_batch = max.max(1);
+        self
+    }
+
+    /// The consumer.
+    pub fn consumer(&self) -> &DedupConsumer {
+        &self.consumer
+    }
+
+    /// The consumer's context.
+    pub fn context(&self) -> &DedupContext {
+        self.consumer.context()
+    }
+
+    /// Gives the consumer back.
+    pub fn into_inner(self) -> DedupConsumer {
+        self.consumer
+    }
+
+    /// Polls one batch (waiting up to `timeout` for its first message) and
+    /// processes it; see [`IdempotentConsumer`]. `handler` gets each new
+    /// message with its idempotency key (`None` only under
+    /// [`MissingKey::Process`]); pass the key on to the side effect where
+    /// the receiving system accepts one.
+    pub fn poll_batch<E, H>(
+        &mut self,
+        timeout: Duration,
+        mut handler: H,
+    ) -> Result<PollReport, ConsumeError<E>>
+    where
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
+    {
+        self.check_rebalance()?;
+        let mut report = PollReport::default();
+        let messages = self.poll_messages(timeout, &mut report);
+        self.check_rebalance()?;
+        if messages.is_empty() {
+            return Ok(report);
+        }
+
+        let mut by_partition: BTreeMap<Partition, Vec<&BorrowedMessage<'_>>> = BTreeMap::new();
+        for m in &messages {
+            by_partition
+                .entry(Partition::new(m.topic(), m.partition()))
+                .or_default()
+                .push(m);
+        }
+
+        let mut to_kafka = TopicPartitionList::new();
+        let mut outcome = Ok(());
+        let mut unprocessed: Vec<(Partition, i64)> = Vec::new();
+        for (p, msgs) in &by_partition {
+            if outcome.is_err() {
+                if let Some(first) = msgs.first() {
+                    unprocessed.push((p.clone(), first.offset()));
+                }
+                continue;
+            }
+            let result = self.process_partition(p, msgs, &mut handler, &mut report);
+            if let Some(offset) = result.committed {
+                report.committed.push((p.clone(), offset));
+                if let Err(e) =
+                    to_kafka.add_partition_offset(p.topic(), p.partition(), Offset::Offset(offset))
+                {
+                    report.kafka_errors.push(e);
+                }
+            }
+            if let Err(e) = result.outcome {
+                unprocessed.push((p.clone(), result.resume_at));
+                outcome = Err(e);
+            }
+        }
+
+        let mode = match self.kafka_commit {
+            KafkaCommit::Async => Some(CommitMode::Async),
+            KafkaCommit::Sync => Some(CommitMode::Sync),
+            KafkaCommit::OnRevoke => None,
+        };
+        if let Some(mode) = mode.filter(|_| to_kafka.count() > 0) {
+            if let Err(e) = self.consumer.commit(&to_kafka, mode) {
+                report.kafka_errors.push(e);
+            }
+        }
+        match outcome {
+            Ok(()) => Ok(report),
+            Err(e) => {
+                self.rewind(&unprocessed)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs [`poll_batch`](Self::poll_batch) until `stop` returns `true`
+    /// (asked after each batch) or an error occurs.
+    pub fn run<E, H, S>(&mut self, mut handler: H, mut stop: S) -> Result<(), ConsumeError<E>>
+    where
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
+        S: FnMut(&PollReport) -> bool,
+    {
+        loop {
+            let report = self.poll_batch(Duration::from_millis(100), &mut handler)?;
+            if stop(&report) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reports a failure of a rebalance callback.
+    fn check_rebalance<E>(&self) -> Result<(), ConsumeError<E>> {
+        match self.context().take_failure() {
+            None => Ok(()),
+            Some(RebalanceFailure::Store(e)) => Err(ConsumeError::Store(e)),
+            Some(RebalanceFailure::Kafka(e)) => Err(ConsumeError::Kafka(e)),
+        }
+    }
+
+    /// Polls up to `max_batch` messages. When a rebalance happens during the
+    /// poll, the messages polled before it are kept only for partitions this
+    /// consumer has owned throughout (kept across a cooperative rebalance);
+    /// the others may belong to another consumer now, or resume elsewhere.
+    fn poll_messages(
+        &self,
+        timeout: Duration,
+        report: &mut PollReport,
+    ) -> Vec<BorrowedMessage<'_>> {
+        let mut messages: Vec<BorrowedMessage<'_>> = Vec::new();
+        let mut rebalances = self.context().rebalances();
+        let mut wait = timeout;
+        while messages.len() < self.max_batch {
+            let polled = self.consumer.poll(wait);
+            wait = Duration::ZERO;
+            let now = self.context().rebalances();
+            if now != rebalances {
+                let before = messages.len();
+                let context = self.context();
+                messages.retain(|m| {
+                    context.owned_since(&Partition::new(m.topic(), m.partition()), rebalances)
+                });
+                report.discarded += before - messages.len();
+                rebalances = now;
+            }
+            match polled {
+                None => break,
+                Some(Err(e)) => {
+                    report.kafka_errors.push(e);
+                    break;
+                }
+                Some(Ok(m)) => messages.push(m),
+            }
+        }
+        messages
+    }
+
+    /// Processes one partition's messages of a poll batch in one store batch.
+    fn process_partition<E, H>(
+        &self,
+        p: &Partition,
+        msgs: &[&BorrowedMessage<'_>],
+        handler: &mut H,
+        report: &mut PollReport,
+    ) -> PartitionResult<E>
+    where
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
+    {
+        let start = msgs.first().map_or(0, |m| m.offset());
+        let fail = |e: ConsumeError<E>, resume_at: i64| PartitionResult {
+            committed: None,
+            resume_at,
+            outcome: Err(e),
+        };
+        let store = self.context().store();
+        let mut batch = match store.batch(p) {
+            Ok(b) => b,
+            Err(e) => return fail(e.into(), start),
+        };
+        // A consumer that lost the partition to a newer generation commits nothing.
+        if let Some(epoch) = self.context().epoch(p) {
+            batch.fence(epoch);
+        }
+
+        let mut next = start;
+        let mut error = None;
+        for m in msgs {
+            if let Err(e) = self.handle(p, m, &mut batch, handler, report) {
+                error = Some(e);
+                break;
+            }
+            next = m.offset() + 1;
+            report.messages += 1;
+        }
+
+        // The offset only moves forward: another consumer of this store may
+        // have committed a later one (everything before it is processed).
+        let committed = match store.committed_offset(p) {
+            Ok(c) => c,
+            Err(e) => return fail(e.into(), start),
+        };
+        let offset = committed.map_or(next, |c| c.max(next));
+        batch.set_offset(offset);
+        if let Err(e) = batch.commit() {
+            return fail(e.into(), start);
+        }
+        // The batch started at the consumer's position, which is at or past
+        // the group's committed offset: so is the store's offset now.
+        self.context().may_hand_over(p);
+        PartitionResult {
+            committed: Some(offset),
+            resume_at: offset,
+            outcome: error.map_or(Ok(()), Err),
+        }
+    }
+
+    /// Handles one message: checks its key in the partition's batch, runs
+    /// the handler on a new one and then marks it in the batch.
+    fn handle<E, H>(
+        &self,
+        p: &Partition,
+        m: &BorrowedMessage<'_>,
+        batch: &mut Batch<'_>,
+        handler: &mut H,
+        report: &mut PollReport,
+    ) -> Result<(), ConsumeError<E>>
+    where
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
+    {
+        let handler_error = |source| ConsumeError::Handler {
+            partition: p.clone(),
+            offset: m.offset(),
+            source,
+        };
+        let Some(key) = self.keys.extract(m) else {
+            return match self.missing {
+                MissingKey::Skip => {
+                    report.skipped += 1;
+                    Ok(())
+                }
+                MissingKey::Process => {
+                    handler(m, None).map_err(handler_error)?;
+                    report.processed += 1;
+                    Ok(())
+                }
+                MissingKey::Fail => Err(ConsumeError::MissingKey {
+                    partition: p.clone(),
+                    offset: m.offset(),
+                }),
+            };
+        };
+        // One read: the batch sees the keys it marked itself, and it holds
+        // the partition's write lock, so nobody marks the key between this
+        // check and the mark after the handler.
+        let Some(checked) = batch.check_for_mark(&key)? else {
+            report.duplicates += 1;
+            return Ok(());
+        };
+        handler(m, Some(&key)).map_err(handler_error)?;
+        report.processed += 1;
+        batch.mark_checked(checked);
+        Ok(())
+    }
+
+    /// Positions the consumer at the first unprocessed message of each
+    /// partition, so that the next poll retries them.
+    fn rewind<E>(&self, positions: &[(Partition, i64)]) -> Result<(), ConsumeError<E>> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in positions {
+            tpl.add_partition_offset(p.topic(), p.partition(), Offset::Offset(*offset))?;
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let result = self.consumer.seek_partitions(tpl, self.seek_timeout)?;
+        for elem in result.elements() {
+            elem.error()?;
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of one partition's share of a poll batch.
+struct PartitionResult<E> {
+    /// The offset committed to the store, if the batch was committed.
+    committed: Option<i64>,
+    /// Where the partition should resume when `outcome` is an error.
+    resume_at: i64,
+    outcome: Result<(), ConsumeError<E>>,
+}

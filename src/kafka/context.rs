@@ -1,0 +1,392 @@
+//! The rdkafka consumer context: assigns and revokes the store's shards with
+//! the consumer group's rebalances, positions assigned partitions at their
+//! resume point, and hands revoked ones over.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::group::GroupStore;
+use crate::{Error, Partition, Store};
+
+/// The consumer type the helpers of this module drive.
+pub type DedupConsumer = BaseConsumer<DedupContext>;
+
+/// The consumer group generation of the current assignment, used as the
+/// shards' epoch (see `Store::assign_with_epoch`).
+///
+/// librdkafka knows it (`rd_kafka_consumer_group_metadata_generation_id`),
+/// but rdkafka 0.39 does not expose it without `unsafe` code, which this
+/// crate forbids; until it does, there is no epoch.
+fn group_generation(_consumer: &DedupConsumer) -> Option<u64> {
+    None
+}
+
+/// Where a newly assigned partition resumes: the later of the store's
+/// committed offset and the consumer group's committed offset.
+///
+/// Kafka commits always follow the store commit, so the later of the two is
+/// where processing got to: the store is ahead when the process died between
+/// its store commit and its Kafka commit, the group is ahead when another
+/// consumer (with another store) processed the partition since. `None`
+/// leaves the position to the group's committed offset (or
+/// `auto.offset.reset`), which is also the choice when the group's offset
+/// could not be read (`group_known == false`): replaying from the group's
+/// offset into a store that holds the marks is safe, skipping ahead is not.
+///
+/// ```
+/// use exactly::kafka::resume_offset;
+/// use exactly::kafka::rdkafka::Offset;
+/// assert_eq!(resume_offset(Some(10), Offset::Offset(7), true), Some(10));
+/// assert_eq!(resume_offset(Some(10), Offset::Offset(12), true), Some(12));
+/// assert_eq!(resume_offset(Some(10), Offset::Invalid, true), Some(10));
+/// assert_eq!(resume_offset(None, Offset::Offset(12), true), None);
+/// assert_eq!(resume_offset(Some(10), Offset::Invalid, false), None);
+/// ```
+pub fn resume_offset(store: Option<i64>, group: Offset, group_known: bool) -> Option<i64> {
+    if !group_known {
+        return None;
+    }
+    match (store, group) {
+        (Some(s), Offset::Offset(g)) => Some(s.max(g)),
+        (Some(s), _) => Some(s),
+        (None, _) => None,
+    }
+}
+
+/// A failure inside a rebalance callback, reported by the next
+/// [`IdempotentConsumer::poll_batch`].
+#[derive(Debug)]
+pub(super) enum RebalanceFailure {
+    Store(Error),
+    Kafka(KafkaError),
+}
+
+/// The rdkafka consumer context that keeps the store's shards in step with
+/// the consumer group's assignment.
+///
+/// Create one per consumer with [`DedupContext::new`] and pass it to
+/// `ClientConfig::create_with_context`. Set `enable.auto.commit=false`:
+/// offsets are committed by [`IdempotentConsumer`] after the store commit.
+///
+/// * **Assignment:** each partition's shard is assigned (with the group
+///   generation as epoch once available), and the partition is positioned at
+///   [`resume_offset`] of the store's and the group's committed offsets.
+/// * **Revocation:** unless the assignment was lost, the store's committed
+///   offsets of the revoked partitions are committed to Kafka synchronously
+///   (the handover, see [`DedupContext::handover_commit`]); then the shards
+///   are revoked. A store offset that may be behind the group's (the group's
+///   could not be read at assignment and this consumer has committed no
+///   batch of the partition since) is not committed, so a handover never
+///   moves the group's offset back.
+///
+/// A store error during a rebalance cannot be returned from the callback;
+/// the next [`IdempotentConsumer::poll_batch`] returns it before processing
+/// anything.
+#[derive(Debug)]
+pub struct DedupContext {
+    group: GroupStore,
+    member: u64,
+    handover_commit: bool,
+    offsets_timeout: Duration,
+    /// Owned partitions and the epoch each was assigned with.
+    owned: Mutex<BTreeMap<Partition, Owned>>,
+    rebalances: AtomicU64,
+    handover_failures: AtomicU64,
+    commit_failures: AtomicU64,
+    failure: Mutex<Option<RebalanceFailure>>,
+}
+
+impl DedupContext {
+    /// A context for one consumer of `group`'s store.
+    pub fn new(group: &GroupStore) -> Self {
+        Self {
+            group: group.clone(),
+            member: group.new_member(),
+            handover_commit: true,
+            offsets_timeout: Duration::from_secs(10),
+            owned: Mutex::new(BTreeMap::new()),
+            rebalances: AtomicU64::new(0),
+            handover_failures: AtomicU64::new(0),
+            commit_failures: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        }
+    }
+
+    /// Whether a revocation commits the store's offsets to Kafka
+    /// synchronously before the partitions are released (default `true`).
+    ///
+    /// The next owner of a partition starts at the group's committed offset
+    /// when it has no later one in its own store, so with one store per
+    /// consumer instance this handover keeps it from replaying messages this
+    /// consumer processed. Consumers that share one store do not need it
+    /// (the store holds every mark and offset) and may turn it off to make
+    /// rebalances faster.
+    pub fn handover_commit(mut self, enabled: bool) -> Self {
+        self.handover_commit = enabled;
+        self
+    }
+
+    /// How long an assignment waits for the group's committed offsets
+    /// (default 10 s). On a timeout the partitions start at the group's
+    /// committed offsets, which is safe but may replay messages.
+    pub fn offsets_timeout(mut self, timeout: Duration) -> Self {
+        self.offsets_timeout = timeout;
+        self
+    }
+
+    /// The group store this context works on.
+    pub fn group(&self) -> &GroupStore {
+        &self.group
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        self.group.store()
+    }
+
+    /// The partitions currently assigned to this consumer, in order.
+    pub fn owned(&self) -> Vec<Partition> {
+        self.owned.lock().keys().cloned().collect()
+    }
+
+    /// Rebalance callbacks seen so far (assignments, revocations, errors).
+    pub fn rebalances(&self) -> u64 {
+        self.rebalances.load(Ordering::Acquire)
+    }
+
+    /// Handover commits that failed; each may make the partition's next
+    /// owner replay messages this consumer processed.
+    pub fn handover_failures(&self) -> u64 {
+        self.handover_failures.load(Ordering::Relaxed)
+    }
+
+    /// Kafka commits (asynchronous or handover) that failed. A failed commit
+    /// costs nothing as long as the store holds the offset: the resume point
+    /// is the later of the two.
+    pub fn commit_failures(&self) -> u64 {
+        self.commit_failures.load(Ordering::Relaxed)
+    }
+
+    /// Whether this consumer has owned `partition` since rebalance count
+    /// `rebalances` or earlier (without losing it since).
+    pub(super) fn owned_since(&self, partition: &Partition, rebalances: u64) -> bool {
+        self.owned
+            .lock()
+            .get(partition)
+            .is_some_and(|o| o.since <= rebalances)
+    }
+
+    /// The epoch `partition` was assigned with, if any.
+    pub(super) fn epoch(&self, partition: &Partition) -> Option<u64> {
+        self.owned.lock().get(partition).and_then(|o| o.epoch)
+    }
+
+    fn fail(&self, failure: RebalanceFailure) {
+        let mut slot = self.failure.lock();
+        if slot.is_none() {
+            *slot = Some(failure);
+        }
+    }
+
+    pub(super) fn take_failure(&self) -> Option<RebalanceFailure> {
+        self.failure.lock().take()
+    }
+
+    fn on_assign(&self, consumer: &DedupConsumer, tpl: &mut TopicPartitionList) {
+        let epoch = group_generation(consumer);
+        let mut store_offsets = Vec::new();
+        for elem in tpl.elements() {
+            let p = Partition::new(elem.topic(), elem.partition());
+            if let Err(e) = self.group.acquire(self.member, &p, epoch) {
+                self.fail(RebalanceFailure::Store(e));
+                continue;
+            }
+            // The rebalance counter as it will read once this callback is done.
+            let since = self.rebalances.load(Ordering::Acquire) + 1;
+            let owned = Owned {
+                epoch,
+                since,
+                handover: false,
+            };
+            self.owned.lock().insert(p.clone(), owned);
+            match self.store().committed_offset(&p) {
+                Ok(Some(offset)) => store_offsets.push((p, offset)),
+                Ok(None) => {}
+                Err(e) => self.fail(RebalanceFailure::Store(e)),
+            }
+        }
+        if store_offsets.is_empty() {
+            return;
+        }
+        let group = consumer.committed_offsets(tpl.clone(), self.offsets_timeout);
+        let group_known = group.is_ok();
+        for (p, offset) in store_offsets {
+            let group_offset = group
+                .as_ref()
+                .ok()
+                .and_then(|g| g.find_partition(p.topic(), p.partition()))
+                .map_or(Offset::Invalid, |e| e.offset());
+            // Unread, the group's offset may be ahead of the store's: the
+            // store's offset may not be handed over until this consumer has
+            // committed a batch of the partition (which starts at the group's
+            // offset, so the store's is then at or past it).
+            let Some(resume) = resume_offset(Some(offset), group_offset, group_known) else {
+                continue;
+            };
+            let adopted = if resume > offset {
+                // Adopt the group's later offset, so that the store's offset
+                // (committed to Kafka on handover) never moves the group's back.
+                self.adopt_offset(&p, resume)
+            } else {
+                Ok(())
+            };
+            match adopted {
+                Ok(()) => self.may_hand_over(&p),
+                Err(e) => self.fail(RebalanceFailure::Store(e)),
+            }
+            if let Err(e) =
+                tpl.set_partition_offset(p.topic(), p.partition(), Offset::Offset(resume))
+            {
+                self.fail(RebalanceFailure::Kafka(e));
+            }
+        }
+    }
+
+    /// Records that `partition`'s offset in the store is at or past the
+    /// group's committed offset, so that a handover may commit it.
+    pub(super) fn may_hand_over(&self, partition: &Partition) {
+        if let Some(owned) = self.owned.lock().get_mut(partition) {
+            owned.handover = true;
+        }
+    }
+
+    /// Commits `offset` as the partition's offset in the store (no marks).
+    fn adopt_offset(&self, partition: &Partition, offset: i64) -> crate::Result<()> {
+        let mut batch = self.store().batch(partition)?;
+        batch.set_offset(offset);
+        batch.commit()
+    }
+
+    fn on_revoke(&self, consumer: &DedupConsumer, tpl: &TopicPartitionList) {
+        let partitions: Vec<Partition> = tpl
+            .elements()
+            .iter()
+            .map(|e| Partition::new(e.topic(), e.partition()))
+            .collect();
+        if self.handover_commit && !consumer.assignment_lost() {
+            let mut offsets = TopicPartitionList::new();
+            let owned = self.owned.lock().clone();
+            for p in &partitions {
+                // Only an offset known to be at or past the group's: a store
+                // whose offset is behind the group's (another instance
+                // processed the partition since) would move the group's back,
+                // and the next owner would redo what that instance did.
+                if !owned.get(p).is_some_and(|o| o.handover) {
+                    continue;
+                }
+                if let Ok(Some(offset)) = self.store().committed_offset(p) {
+                    if offsets
+                        .add_partition_offset(p.topic(), p.partition(), Offset::Offset(offset))
+                        .is_err()
+                    {
+                        self.handover_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            if offsets.count() > 0 && consumer.commit(&offsets, CommitMode::Sync).is_err() {
+                self.handover_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        for p in &partitions {
+            self.owned.lock().remove(p);
+            if let Err(e) = self.group.release(self.member, p) {
+                self.fail(RebalanceFailure::Store(e));
+            }
+        }
+    }
+}
+
+/// A partition owned by a consumer.
+#[derive(Debug, Clone, Copy)]
+struct Owned {
+    /// The epoch its shard was assigned with.
+    epoch: Option<u64>,
+    /// The consumer's rebalance count from which messages of the partition
+    /// belong to this ownership.
+    since: u64,
+    /// Whether the store's offset of the partition is known to be at or past
+    /// the group's committed offset: the group's offset was read (and
+    /// adopted) at assignment, or this consumer committed a batch of the
+    /// partition since. Only then does a handover commit it.
+    handover: bool,
+}
+
+impl ClientContext for DedupContext {}
+
+impl ConsumerContext for DedupContext {
+    fn rebalance(
+        &self,
+        consumer: &DedupConsumer,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                self.on_assign(consumer, tpl);
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.on_revoke(consumer, tpl);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                // A failed rebalance: give everything up, as librdkafka's
+                // default handler does.
+                let owned: Vec<Partition> = std::mem::take(&mut *self.owned.lock())
+                    .into_keys()
+                    .collect();
+                for p in &owned {
+                    if let Err(e) = self.group.release(self.member, p) {
+                        self.fail(RebalanceFailure::Store(e));
+                    }
+                }
+                self.fail(RebalanceFailure::Kafka(KafkaError::Rebalance(other.into())));
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+        };
+        if let Err(e) = result {
+            self.fail(RebalanceFailure::Kafka(e));
+        }
+        self.rebalances.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if result.is_err() {
+            self.commit_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
