@@ -23,6 +23,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// How many generation windows one TTL spans.
 const WINDOWS_PER_TTL: u64 = 4;
+/// [`WINDOWS_PER_TTL`] as a count of filters.
+const WINDOWS: usize = 4;
+const _: () = assert!(WINDOWS as u64 == WINDOWS_PER_TTL);
 
 /// A Bloom filter whose keys expire.
 pub struct ExpiringFilter {
@@ -44,7 +47,7 @@ impl ExpiringFilter {
     /// A filter for about `expected_live_keys` live keys at once, each living
     /// `ttl_ms`, with a total false-positive rate of about `fp_rate`.
     pub fn new(expected_live_keys: usize, fp_rate: f64, ttl_ms: u64) -> Self {
-        let per_window = expected_live_keys.div_ceil(WINDOWS_PER_TTL as usize);
+        let per_window = expected_live_keys.div_ceil(WINDOWS);
         Self {
             seed: RandomState::new().build_hasher().finish(),
             window_ms: (ttl_ms / WINDOWS_PER_TTL).max(1),

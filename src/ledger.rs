@@ -131,15 +131,15 @@ impl Ledger {
             return Ok(());
         }
         let durable = usize::try_from(self.manifest_len).unwrap_or(usize::MAX);
-        if bytes.len() < durable {
+        let Some(synced) = bytes.get(..durable) else {
             return Err(Error::Corruption(format!(
                 "MANIFEST-{number:06} holds {} bytes but held {durable} at the last sync: \
                  it was truncated, and RocksDB would open an older version of the store. \
                  Restore the store directory from a copy",
                 bytes.len()
             )));
-        }
-        if xxh3_64(&bytes[..durable]) != self.manifest_xxh3 {
+        };
+        if xxh3_64(synced) != self.manifest_xxh3 {
             return Err(Error::Corruption(format!(
                 "the first {durable} bytes of MANIFEST-{number:06} changed since the last \
                  sync: it was damaged, and RocksDB could open an older version of the \

@@ -47,6 +47,12 @@
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs, clippy::unwrap_used)]
+// Bad input must give a typed error, never a panic: no unchecked indexing
+// or slicing, and no silently truncating casts, outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::cast_possible_truncation)
+)]
 
 mod batch;
 mod bloom;

@@ -86,11 +86,14 @@ pub(crate) fn write(
     bytes.extend_from_slice(&taken.partition.to_le_bytes());
     filter.encode(&mut bytes);
     bytes.extend_from_slice(&(claims.len() as u64).to_le_bytes());
+    // Keys are at most `MAX_KEY_LEN_LIMIT` (64 KiB) plus a tag, entries 25
+    // bytes: both lengths fit a u32.
+    let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
     for (k, e) in claims {
         let v = e.encode();
-        bytes.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&len32(k.len()));
         bytes.extend_from_slice(k);
-        bytes.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&len32(v.len()));
         bytes.extend_from_slice(&v);
     }
     let sum = xxh3_64(&bytes);

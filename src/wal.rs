@@ -58,10 +58,9 @@ pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
         let mut pos = 0;
         // Fewer bytes than a header left: RocksDB skips them (a block
         // trailer) or, at the end of the file, stops.
-        while block.len() - pos >= HEADER_SIZE {
-            let header = &block[pos..];
-            let length = usize::from(u16::from_le_bytes([header[4], header[5]]));
-            let kind = header[6];
+        while let Some(&[c0, c1, c2, c3, l0, l1, kind]) = block.get(pos..pos + HEADER_SIZE) {
+            let header = block.get(pos..).unwrap_or_default();
+            let length = usize::from(u16::from_le_bytes([l0, l1]));
             let mut header_size = HEADER_SIZE;
             if is_recyclable(kind) {
                 if first_record_read && !recycled {
@@ -78,10 +77,9 @@ pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
             if header_size + length > block.len() - pos || (kind == ZERO_TYPE && length == 0) {
                 break;
             }
-            let expected = unmask(u32::from_le_bytes([
-                header[0], header[1], header[2], header[3],
-            ]));
-            if crc32c::crc32c(&header[6..header_size + length]) != expected {
+            let expected = unmask(u32::from_le_bytes([c0, c1, c2, c3]));
+            let covered = header.get(6..header_size + length).unwrap_or_default();
+            if crc32c::crc32c(covered) != expected {
                 break;
             }
             pos += header_size + length;
