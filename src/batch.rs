@@ -114,7 +114,9 @@ impl<'s> Batch<'s> {
     }
 
     /// Marks `key` as processed in this batch; see
-    /// [`check_and_mark`](Self::check_and_mark).
+    /// [`check_and_mark`](Self::check_and_mark). A key that already has a
+    /// live mark keeps it (and its expiry); a key with a live claim is left
+    /// to the claim's holder.
     pub fn mark(&mut self, key: &[u8]) -> Result<()> {
         self.check_and_mark(key).map(|_| ())
     }
@@ -164,7 +166,7 @@ impl<'s> Batch<'s> {
 
     /// [`mark`](Self::mark) with a TTL of its own instead of the store's, for
     /// keys that must be remembered longer (or shorter). From 1 ms to 100
-    /// years.
+    /// years. A key already live follows [`TtlRefresh`] like any mark.
     pub fn mark_with_ttl(&mut self, key: &[u8], ttl: Duration) -> Result<()> {
         let key = self.engine.validate_key(key)?;
         let ttl_ms = mark_ttl_millis(ttl)?;
@@ -345,14 +347,13 @@ impl<'s> Batch<'s> {
         Some(write)
     }
 
-    /// Writes the batch. New marks and claims go into the filter and the
-    /// claim table before the write: a reader in between sees a false
-    /// positive (confirmed away on disk), never a false negative. Claims
-    /// made are taken back if the write fails.
+    /// Writes the batch. New marks go into the filter before the write: a
+    /// reader in between sees a false positive (confirmed away on disk),
+    /// never a false negative. The claim table, which readers trust without
+    /// a disk read, changes only after the write (see `publish`).
     fn write(&self, write: WriteBatch) -> Result<()> {
-        let shard = &self.shard;
         {
-            let mut filter = shard.filter.write();
+            let mut filter = self.shard.filter.write();
             filter.expire(self.partition_now());
             for (k, staged) in &self.staged {
                 if let Some(Entry::Done { expires_at }) = staged.entry {
@@ -360,36 +361,20 @@ impl<'s> Batch<'s> {
                 }
             }
         }
-        let claims_made: Vec<(&Vec<u8>, Option<Entry>)> = self
-            .staged
-            .iter()
-            .filter(|(_, s)| matches!(s.entry, Some(Entry::Claimed { .. })))
-            .map(|(k, s)| (k, s.entry))
-            .collect();
-        for (k, entry) in &claims_made {
-            shard.note_claim(k, *entry);
-        }
-        if let Err(e) = self.engine.write(write) {
-            for (k, _) in &claims_made {
-                shard.note_claim(k, None);
-            }
-            return Err(e);
-        }
-        Ok(())
+        self.engine.write(write)
     }
 
-    /// Publishes what the write made true: ended claims, the offset, the
-    /// epoch, the event time and watermark. Claims that end are forgotten
-    /// only now, after the write.
+    /// Publishes what the write made true: claims made and ended, the
+    /// offset, the epoch, the event time and watermark. A reader sees a new
+    /// claim only once it is on disk, so a failed write never leaves a key
+    /// in flight that nobody claimed.
     fn publish(&self, plan: &Plan) {
         let shard = &self.shard;
         let mut claims_changed = false;
         for (k, staged) in &self.staged {
             if staged.claims {
                 claims_changed = true;
-                if !matches!(staged.entry, Some(Entry::Claimed { .. })) {
-                    shard.note_claim(k, staged.entry);
-                }
+                shard.note_claim(k, staged.entry);
             }
         }
         if claims_changed {

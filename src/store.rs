@@ -261,6 +261,9 @@ impl Store {
     }
 
     /// Marks `key` as processed; see [`check_and_mark`](Self::check_and_mark).
+    /// A key that already has a live mark keeps it (and its expiry); a key
+    /// with a live claim is left to the claim's holder, whose
+    /// [`confirm`](Self::confirm) or [`release`](Self::release) decides.
     pub fn mark(&self, partition: &Partition, key: &[u8]) -> Result<()> {
         self.check_and_mark(partition, key).map(|_| ())
     }

@@ -1034,3 +1034,65 @@ fn a_consumer_that_cannot_read_the_group_offset_never_moves_it_back() {
         "B's work redone after A's handover"
     );
 }
+
+/// A key the store cannot take (longer than `max_key_len`) follows the
+/// missing-key policy instead of failing every retry in the same place.
+#[test]
+fn an_oversize_key_follows_the_missing_key_policy() {
+    let (_cluster, servers) = cluster();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &servers)
+        .create()
+        .unwrap();
+    let oversize = vec![b'x'; 2_000];
+    for i in 0..11 {
+        let key = format!("order-{i}");
+        let value: &[u8] = if i == 5 { &oversize } else { key.as_bytes() };
+        let record = BaseRecord::<[u8], [u8]>::to(TOPIC)
+            .partition(0)
+            .payload(b"payload")
+            .headers(OwnedHeaders::new().insert(Header {
+                key: HEADER,
+                value: Some(value),
+            }));
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut skip = single_consumer(&servers, "oversize-skip", dirs[0].path(), MissingKey::Skip);
+    let mut fail = single_consumer(&servers, "oversize-fail", dirs[1].path(), MissingKey::Fail);
+    let p = Partition::new(TOPIC, 0);
+    let started = Instant::now();
+    let (mut seen, mut skipped, mut stopped_at) = (Vec::new(), 0, None);
+    while seen.len() < 10 || stopped_at.is_none() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "saw {seen:?}, stopped at {stopped_at:?}"
+        );
+        let report = skip
+            .poll_batch(Duration::from_millis(50), |m, _| {
+                seen.push(m.offset());
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+        skipped += report.skipped;
+        match fail.poll_batch(Duration::from_millis(50), |_, _| Ok::<(), Infallible>(())) {
+            Ok(_) => {}
+            Err(ConsumeError::MissingKey { partition, offset }) => {
+                assert_eq!((&partition, offset), (&p, 5));
+                stopped_at = Some(offset);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let expected: Vec<i64> = (0..11).filter(|&o| o != 5).collect();
+    assert_eq!(
+        seen, expected,
+        "the oversize key was skipped, the rest processed"
+    );
+    assert_eq!(skipped, 1);
+    assert_eq!(
+        skip.context().store().committed_offset(&p).unwrap(),
+        Some(11)
+    );
+}

@@ -12,7 +12,7 @@ use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
 use super::error::ConsumeError;
 use super::keys::{KeySource, MissingKey};
 use crate::batch::Batch;
-use crate::Partition;
+use crate::{Error, Partition};
 
 /// When the poll loop commits offsets to Kafka. Kafka commits always follow
 /// the store commit; the store's offsets are the resume points, and Kafka's
@@ -148,7 +148,21 @@ impl IdempotentConsumer {
         self.check_rebalance()?;
         let mut report = PollReport::default();
         let messages = self.poll_messages(timeout, &mut report);
-        self.check_rebalance()?;
+        if let Err(e) = self.check_rebalance() {
+            // Nothing polled is processed: put the consumer back at the
+            // first polled message of each partition, so that the next poll
+            // delivers them again instead of skipping them.
+            let mut first: BTreeMap<Partition, i64> = BTreeMap::new();
+            for m in &messages {
+                first
+                    .entry(Partition::new(m.topic(), m.partition()))
+                    .or_insert(m.offset());
+            }
+            let positions: Vec<(Partition, i64)> = first.into_iter().collect();
+            drop(messages);
+            self.rewind(&positions)?;
+            return Err(e);
+        }
         if messages.is_empty() {
             return Ok(report);
         }
@@ -343,7 +357,22 @@ impl IdempotentConsumer {
             offset: m.offset(),
             source,
         };
-        let Some(key) = self.keys.extract(m) else {
+        let key = self.keys.extract(m);
+        // One read: the batch sees the keys it marked itself, and it holds
+        // the partition's write lock, so nobody marks the key between this
+        // check and the mark after the handler. A key the store cannot take
+        // (empty, or longer than `max_key_len`) counts as missing: retrying
+        // it could never succeed.
+        let checked = match key.as_deref().map(|k| batch.check_for_mark(k)) {
+            None | Some(Err(Error::EmptyKey | Error::KeyTooLong { .. })) => None,
+            Some(Ok(None)) => {
+                report.duplicates += 1;
+                return Ok(());
+            }
+            Some(Ok(Some(checked))) => Some(checked),
+            Some(Err(e)) => return Err(e.into()),
+        };
+        let (Some(key), Some(checked)) = (key, checked) else {
             return match self.missing {
                 MissingKey::Skip => {
                     report.skipped += 1;
@@ -359,13 +388,6 @@ impl IdempotentConsumer {
                     offset: m.offset(),
                 }),
             };
-        };
-        // One read: the batch sees the keys it marked itself, and it holds
-        // the partition's write lock, so nobody marks the key between this
-        // check and the mark after the handler.
-        let Some(checked) = batch.check_for_mark(&key)? else {
-            report.duplicates += 1;
-            return Ok(());
         };
         handler(m, Some(&key)).map_err(handler_error)?;
         report.processed += 1;

@@ -227,13 +227,15 @@ impl DedupContext {
             return;
         }
         let group = consumer.committed_offsets(tpl.clone(), self.offsets_timeout);
-        let group_known = group.is_ok();
         for (p, offset) in store_offsets {
-            let group_offset = group
+            // Known only if the partition's own entry came back without an
+            // error: an error there is not "no offset".
+            let entry = group
                 .as_ref()
                 .ok()
-                .and_then(|g| g.find_partition(p.topic(), p.partition()))
-                .map_or(Offset::Invalid, |e| e.offset());
+                .and_then(|g| g.find_partition(p.topic(), p.partition()));
+            let group_known = entry.as_ref().is_some_and(|e| e.error().is_ok());
+            let group_offset = entry.map_or(Offset::Invalid, |e| e.offset());
             // Unread, the group's offset may be ahead of the store's: the
             // store's offset may not be handed over until this consumer has
             // committed a batch of the partition (which starts at the group's
@@ -271,7 +273,10 @@ impl DedupContext {
     /// Commits `offset` as the partition's offset in the store (no marks).
     fn adopt_offset(&self, partition: &Partition, offset: i64) -> crate::Result<()> {
         let mut batch = self.store().batch(partition)?;
-        batch.set_offset(offset);
+        // Another consumer of this store may have committed a later offset
+        // since it was read: never move it back.
+        let committed = self.store().committed_offset(partition)?;
+        batch.set_offset(committed.map_or(offset, |c| c.max(offset)));
         batch.commit()
     }
 

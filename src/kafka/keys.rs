@@ -59,7 +59,8 @@ impl std::fmt::Debug for KeySource {
     }
 }
 
-/// What to do with a message that has no idempotency key.
+/// What to do with a message that has no idempotency key, or one the store
+/// cannot take (empty, or longer than the store's `max_key_len`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MissingKey {
     /// Call the handler (with `None` as the key) without deduplication:
