@@ -116,7 +116,10 @@ fn read_files(dir: &Path) -> Files {
             for f in fs::read_dir(e.path()).expect("read subdirectory") {
                 let f = f.expect("entry");
                 let sub = f.file_name().to_string_lossy().into_owned();
-                files.push((format!("{name}/{sub}"), fs::read(f.path()).expect("read file")));
+                files.push((
+                    format!("{name}/{sub}"),
+                    fs::read(f.path()).expect("read file"),
+                ));
             }
         } else {
             files.push((name, fs::read(e.path()).expect("read file")));

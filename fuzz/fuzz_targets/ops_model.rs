@@ -11,6 +11,16 @@
 //!   acknowledged write is in the page cache), abandons the open store
 //!   without closing it, and opens the copy. Nothing acknowledged may be lost.
 //!
+//! Across either, the clock may step back (a host whose clock was wrong, or
+//! a store moved to another host), and the options that may change on
+//! reopen change: the TTL (marks keep the expiry they were given; new marks
+//! get the new TTL), the filters' sizing and the durability mode. A
+//! restarted store's time starts at the time its ledger recorded, so the
+//! model's time after a reopen is the later of the clock and that recorded
+//! time, read from the ledger file (`docs/design.md`); marks that expired
+//! in memory after it are live again, and must be answered so (whatever
+//! the filter snapshot saved at revoke or close dropped).
+//!
 //! Bad inputs (empty or oversize keys, negative or backward offsets, writes
 //! during an open batch, unassigned partitions) must give their typed error
 //! and change nothing.
@@ -21,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use exactly::{Error, ManualClock, Options, Partition, Store, Verdict};
+use exactly::{Clock, Durability, Error, ManualClock, Options, Partition, Store, Verdict};
 use exactly_fuzz::copy_dir;
 use libfuzzer_sys::fuzz_target;
 
@@ -82,8 +92,61 @@ enum Op {
     Compact(u8),
     Sync,
     Stats,
-    Reopen,
-    Crash,
+    Reopen(Restart),
+    Crash(Restart),
+}
+
+/// How the store comes back after a reopen or a crash.
+#[derive(Debug, Clone, Copy, Arbitrary)]
+struct Restart {
+    /// Milliseconds the clock steps back (modulo 3 000).
+    back: u16,
+    ttl: Option<TtlChoice>,
+    /// Filter sizing: expected keys (1 + n % 16) and false-positive rate.
+    expected_keys: u8,
+    fp_rate: FpChoice,
+    sync: bool,
+}
+
+#[derive(Debug, Clone, Copy, Arbitrary)]
+enum FpChoice {
+    Half,
+    Tenth,
+    Tiny,
+}
+
+/// The options of one open of the store.
+#[derive(Debug, Clone, Copy)]
+struct Opened {
+    ttl: u64,
+    expected_keys: usize,
+    fp_rate: f64,
+    sync: bool,
+}
+
+impl Opened {
+    fn first(ttl: u64) -> Self {
+        Self {
+            ttl,
+            expected_keys: 4,
+            // Many false positives: every one must be confirmed away on disk.
+            fp_rate: 0.5,
+            sync: false,
+        }
+    }
+
+    fn after(self, r: Restart) -> Self {
+        Self {
+            ttl: r.ttl.map_or(self.ttl, TtlChoice::millis),
+            expected_keys: 1 + usize::from(r.expected_keys % 16),
+            fp_rate: match r.fp_rate {
+                FpChoice::Half => 0.5,
+                FpChoice::Tenth => 0.1,
+                FpChoice::Tiny => 0.0001,
+            },
+            sync: r.sync,
+        }
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -187,14 +250,30 @@ fn not_assigned(e: &Error) -> bool {
     matches!(e, Error::NotAssigned(_))
 }
 
-fn options(clock: &ManualClock, ttl: u64) -> Options {
+fn options(clock: &ManualClock, o: Opened) -> Options {
     Options::default()
-        .ttl(Duration::from_millis(ttl))
-        .expected_keys_per_partition(4)
-        // Many false positives: every one must be confirmed away on disk.
-        .bloom_fp_rate(0.5)
+        .ttl(Duration::from_millis(o.ttl))
+        .expected_keys_per_partition(o.expected_keys)
+        .bloom_fp_rate(o.fp_rate)
+        .durability(if o.sync {
+            Durability::Sync
+        } else {
+            Durability::Buffered
+        })
         .max_key_len(MAX_KEY_LEN)
         .clock(clock.clone())
+}
+
+/// The store's time recorded in the ledger of the store in `dir` (0 if it
+/// has none yet): a restarted store's time starts there.
+fn recorded_time(dir: &Path) -> u64 {
+    let Ok(text) = std::fs::read_to_string(dir.join("EXACTLY-LEDGER")) else {
+        return 0;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("clock = "))
+        .map(|v| v.parse().expect("ledger clock"))
+        .expect("ledger has a clock")
 }
 
 struct Dirs {
@@ -208,8 +287,8 @@ impl Dirs {
     }
 }
 
-fn open(path: &Path, clock: &ManualClock, ttl: u64) -> Store {
-    Store::open(path, options(clock, ttl)).expect("open")
+fn open(path: &Path, clock: &ManualClock, o: Opened) -> Store {
+    Store::open(path, options(clock, o)).expect("open")
 }
 
 fn run(input: Input) {
@@ -220,7 +299,8 @@ fn run(input: Input) {
         root: tempfile::tempdir().expect("tempdir"),
         generation: 0,
     };
-    let mut store = Some(open(&dirs.current(), &clock, ttl));
+    let mut opened = Opened::first(ttl);
+    let mut store = Some(open(&dirs.current(), &clock, opened));
     let mut m = Model {
         now: start,
         ttl,
@@ -351,7 +431,7 @@ fn run(input: Input) {
                         BatchOp::Advance(ms) => {
                             let ms = u64::from(ms % 1_500);
                             clock.advance(Duration::from_millis(ms));
-                            m.now = m.now.saturating_add(ms);
+                            m.now = m.now.max(clock.now_millis());
                         }
                         BatchOp::StoreMark(key) => {
                             let r = s.check_and_mark(&part(p), &key_bytes(key));
@@ -404,7 +484,7 @@ fn run(input: Input) {
             Op::Advance(ms) => {
                 let ms = u64::from(ms % 1_500);
                 clock.advance(Duration::from_millis(ms));
-                m.now = m.now.saturating_add(ms);
+                m.now = m.now.max(clock.now_millis());
             }
             Op::Compact(p) => {
                 let p = p % PARTITIONS;
@@ -427,13 +507,13 @@ fn run(input: Input) {
                     assert!(ps.duplicates <= ps.checks);
                 }
             }
-            Op::Reopen | Op::Crash => {
+            Op::Reopen(restart) | Op::Crash(restart) => {
                 if reopens == MAX_REOPENS {
                     continue;
                 }
                 reopens += 1;
                 let s = store.take().expect("store");
-                if matches!(op, Op::Reopen) {
+                if matches!(op, Op::Reopen(_)) {
                     s.close().expect("close");
                 } else {
                     // The files as the OS has them while the process still
@@ -444,7 +524,13 @@ fn run(input: Input) {
                     drop(s);
                     std::fs::remove_dir_all(&from).expect("remove old store");
                 }
-                store = Some(open(&dirs.current(), &clock, ttl));
+                clock.set(m.now.saturating_sub(u64::from(restart.back % 3_000)));
+                opened = opened.after(restart);
+                m.ttl = opened.ttl;
+                // The restarted store's time: never before what its ledger
+                // recorded, whatever the clock says.
+                m.now = clock.now_millis().max(recorded_time(&dirs.current()));
+                store = Some(open(&dirs.current(), &clock, opened));
                 m.assigned.clear();
             }
         }

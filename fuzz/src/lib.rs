@@ -10,7 +10,9 @@ use std::path::Path;
 /// as one consistent snapshot, as a power cut or a crash would leave it: if
 /// RocksDB's background work (a flush or compaction installing or deleting
 /// files) changed the directory while the copy ran, the copy is made again.
-/// Subdirectories (filter snapshots) are not copied; a store rebuilds them.
+/// Subdirectories (the filter snapshots in `filters/`) are copied too: a
+/// crash or power cut leaves them, and a restarted store must judge whether
+/// to trust them.
 pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
     for _ in 0..100 {
         match copy_once(from, to) {
@@ -22,17 +24,22 @@ pub fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    Err(io::Error::other("the store directory kept changing during the copy"))
+    Err(io::Error::other(
+        "the store directory kept changing during the copy",
+    ))
 }
 
 /// One attempt: whether the directory stayed the same while it was copied.
 fn copy_once(from: &Path, to: &Path) -> io::Result<bool> {
-    let before = file_lengths(from)?;
+    let before = tree_lengths(from)?;
     if to.exists() {
         fs::remove_dir_all(to)?;
     }
     fs::create_dir_all(to)?;
     for name in before.keys() {
+        if let Some(parent) = to.join(name).parent() {
+            fs::create_dir_all(parent)?;
+        }
         match fs::copy(from.join(name), to.join(name)) {
             Ok(_) => {}
             // Deleted meanwhile: the listing below differs.
@@ -40,7 +47,33 @@ fn copy_once(from: &Path, to: &Path) -> io::Result<bool> {
             Err(e) => return Err(e),
         }
     }
-    Ok(file_lengths(from)? == before)
+    Ok(tree_lengths(from)? == before)
+}
+
+/// [`file_lengths`] of `dir` and of its subdirectories, by path relative to
+/// `dir` (`filters/<name>.snap`).
+fn tree_lengths(dir: &Path) -> io::Result<BTreeMap<String, u64>> {
+    let mut lengths = file_lengths(dir)?;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let is_dir = match entry.file_type() {
+            Ok(t) => t.is_dir(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if is_dir {
+            let sub = entry.file_name().to_string_lossy().into_owned();
+            let inner = match tree_lengths(&entry.path()) {
+                Ok(inner) => inner,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for (name, len) in inner {
+                lengths.insert(format!("{sub}/{name}"), len);
+            }
+        }
+    }
+    Ok(lengths)
 }
 
 /// The length of every regular file in `dir`, by name. A file RocksDB
