@@ -44,16 +44,21 @@ fn watched<F: FnOnce() + Send + 'static>(what: &str, body: F) {
     }
 }
 
+/// A store to share between threads, in a fresh directory, and the
+/// partition the race is about.
+fn shared_store() -> (tempfile::TempDir, Arc<Store>, Partition) {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _clock) = open(dir.path());
+    (dir, Arc::new(store), orders(0))
+}
+
 /// Two `assign_with_epoch` calls racing while a batch holds the write lock:
 /// the higher epoch wins (the lower one is refused when it comes second),
 /// and a writer fenced at the lower epoch can no longer write.
 #[test]
 fn racing_epochs_never_go_backwards() {
     watched("racing epochs", || {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _clock) = open(dir.path());
-        let store = Arc::new(store);
-        let p = orders(0);
+        let (dir, store, p) = shared_store();
         store.assign_with_epoch(&p, 1).unwrap();
         for round in 0..20u64 {
             let (high, low) = (10 * round + 11, 10 * round + 6);
@@ -107,10 +112,7 @@ fn racing_epochs_never_go_backwards() {
 #[test]
 fn assign_with_epoch_racing_revoke_does_not_deadlock() {
     watched("assign_with_epoch against revoke", || {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _clock) = open(dir.path());
-        let store = Arc::new(store);
-        let p = orders(0);
+        let (_dir, store, p) = shared_store();
         store.assign(&p).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let revokers: Vec<_> = (0..2)
@@ -158,10 +160,7 @@ fn assign_with_epoch_racing_revoke_does_not_deadlock() {
 #[test]
 fn delete_racing_assign_never_leaves_a_shard_without_data() {
     watched("delete_partition against assign", || {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _clock) = open(dir.path());
-        let store = Arc::new(store);
-        let p = orders(0);
+        let (_dir, store, p) = shared_store();
         for round in 0..200 {
             store.assign(&p).unwrap();
             store.mark(&p, b"k").unwrap();

@@ -923,6 +923,18 @@ where
     }
 }
 
+/// Polls `consumer` `times` times, applying every new key to `sink`.
+fn poll_times(consumer: &mut IdempotentConsumer, sink: &Sink, times: usize) {
+    for _ in 0..times {
+        consumer
+            .poll_batch(Duration::from_millis(100), |_, key| {
+                sink.apply(key.unwrap());
+                Ok::<(), Infallible>(())
+            })
+            .unwrap();
+    }
+}
+
 /// Finding: a consumer whose store is behind the group (another instance
 /// processed the partition since) is assigned the partition while the broker
 /// is slower than its `offsets_timeout`, so it cannot read the group's
@@ -974,13 +986,7 @@ fn a_consumer_that_cannot_read_the_group_offset_never_moves_it_back() {
     poll_until(&mut a, &sink, "A owns the partition", |c| {
         c.context().owned().contains(&p)
     });
-    for _ in 0..5 {
-        a.poll_batch(Duration::from_millis(100), |_, key| {
-            sink.apply(key.unwrap());
-            Ok::<(), Infallible>(())
-        })
-        .unwrap();
-    }
+    poll_times(&mut a, &sink, 5);
     assert_eq!(
         store_a.committed_offset(&p).unwrap(),
         Some(3),
@@ -1011,13 +1017,7 @@ fn a_consumer_that_cannot_read_the_group_offset_never_moves_it_back() {
     poll_until(&mut c, &sink, "C owns the partition", |c| {
         c.context().owned().contains(&p)
     });
-    for _ in 0..10 {
-        c.poll_batch(Duration::from_millis(50), |_, key| {
-            sink.apply(key.unwrap());
-            Ok::<(), Infallible>(())
-        })
-        .unwrap();
-    }
+    poll_times(&mut c, &sink, 10);
     drop(c);
     watch.check("after C");
 
