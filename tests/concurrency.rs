@@ -212,8 +212,16 @@ impl Rng {
     }
 }
 
+/// A number from the environment, decimal or `0x` hexadecimal (as the
+/// seeds are printed). A value that does not parse fails the test rather
+/// than running with the default.
 fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
+    let v = std::env::var(name).ok()?;
+    let parsed = match v.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
 }
 
 /// Partitions whose epochs, offsets and marks are checked strictly; the
