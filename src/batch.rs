@@ -104,8 +104,9 @@ impl<'s> Batch<'s> {
 
     /// Whether `key` has a live mark or claim, as this batch sees it: its own
     /// staged changes first, then the store. Marks nothing. The batch holds
-    /// the partition's write lock, so the answer holds until the batch
-    /// commits or is dropped: no other writer can mark the key meanwhile.
+    /// the partition's write lock, so a `New` answer holds until the batch
+    /// commits or is dropped: no other writer can mark the key meanwhile (a
+    /// `Duplicate` may expire).
     pub fn check(&self, key: &[u8]) -> Result<Verdict> {
         Ok(match self.check_for_mark(key)? {
             Some(_) => Verdict::New,

@@ -454,6 +454,8 @@ impl Engine {
                 write.put_cf(&cf, SNAPSHOT_KEY, id.to_be_bytes());
                 if self.write(write).is_ok() {
                     shard.set_snapshot_key_live(true);
+                    // Best effort, as the snapshot itself.
+                    let _ = snapshot::remove_legacy(&self.path, &shard.cf_name);
                 }
             }
         }

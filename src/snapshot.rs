@@ -157,6 +157,15 @@ pub(crate) fn read(
     })
 }
 
+/// Removes the snapshot file a build before hashed names wrote for
+/// `cf_name`, if any: it is never read again.
+pub(crate) fn remove_legacy(store_dir: &Path, cf_name: &str) -> Result<()> {
+    match legacy_path(store_dir, cf_name).map(|p| (fs::remove_file(&p), p)) {
+        Some((Err(e), p)) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(p, e)),
+        _ => Ok(()),
+    }
+}
+
 /// Removes the snapshot file of `cf_name`, if any (and one of the legacy
 /// name, which is never read again).
 pub(crate) fn remove(store_dir: &Path, cf_name: &str) -> Result<()> {

@@ -269,3 +269,41 @@ fn a_write_on_the_thread_that_holds_the_batch_is_refused_not_deadlocked() {
     drop(batch);
     assert_eq!(store.check_and_mark(&p, b"k").unwrap(), Verdict::New);
 }
+
+#[test]
+fn bad_input_is_reported_before_the_partition_is_looked_at() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _clock) = open(dir.path());
+    let unassigned = orders(7);
+    // Key first, then the TTL, then the partition.
+    assert!(matches!(
+        store.mark_with_ttl(&unassigned, b"", Duration::ZERO),
+        Err(Error::EmptyKey)
+    ));
+    assert!(matches!(
+        store.mark_with_ttl(&unassigned, b"k", Duration::ZERO),
+        Err(Error::InvalidOptions(_))
+    ));
+    assert!(matches!(
+        store.mark_with_ttl(&unassigned, b"k", Duration::from_secs(1)),
+        Err(Error::NotAssigned(_))
+    ));
+    assert!(matches!(
+        store.claim(&unassigned, b"", Duration::from_secs(1)),
+        Err(Error::EmptyKey)
+    ));
+    // The same order in a batch.
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    let mut batch = store.batch(&p).unwrap();
+    assert!(matches!(
+        batch.mark_with_ttl(b"", Duration::ZERO),
+        Err(Error::EmptyKey)
+    ));
+    assert!(matches!(
+        batch.mark_with_ttl(b"k", Duration::ZERO),
+        Err(Error::InvalidOptions(_))
+    ));
+    assert!(batch.is_empty());
+}

@@ -241,3 +241,26 @@ fn a_batch_check_sees_its_own_marks_and_marks_nothing() {
     // Each check counts once.
     assert_eq!(store.stats().partitions[&p].checks, 1 + 5 + 1);
 }
+
+#[test]
+fn a_snapshot_under_the_old_file_name_is_removed_at_the_next_save() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = orders(0);
+    {
+        let (store, _clock) = open(dir.path());
+        store.assign(&p).unwrap();
+        store.mark(&p, b"k").unwrap();
+        store.close().unwrap();
+    }
+    // What a build before hashed names left.
+    let legacy = dir.path().join("filters").join("p~orders~0.snap");
+    std::fs::write(&legacy, b"an old snapshot").unwrap();
+    let (store, _clock) = open(dir.path());
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+    store.revoke(&p).unwrap();
+    assert!(!legacy.exists(), "the old file outlived the new snapshot");
+    store.assign(&p).unwrap();
+    assert!(store.stats().partitions[&p].filter_from_snapshot);
+    assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+}

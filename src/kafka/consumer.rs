@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use parking_lot::Mutex;
+
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
@@ -72,6 +74,9 @@ pub struct IdempotentConsumer {
     max_batch: usize,
     seek_timeout: Duration,
     kafka_commit: KafkaCommit,
+    /// Positions a failed rewind left to seek: the next poll seeks them
+    /// first, so that a seek error never skips messages.
+    unrewound: Mutex<Vec<(Partition, i64)>>,
 }
 
 impl std::fmt::Debug for IdempotentConsumer {
@@ -95,6 +100,7 @@ impl IdempotentConsumer {
             max_batch: 500,
             seek_timeout: Duration::from_secs(10),
             kafka_commit: KafkaCommit::default(),
+            unrewound: Mutex::new(Vec::new()),
         }
     }
 
@@ -146,6 +152,7 @@ impl IdempotentConsumer {
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
     {
         self.check_rebalance()?;
+        self.retry_rewind()?;
         let mut report = PollReport::default();
         let messages = self.poll_messages(timeout, &mut report);
         if let Err(e) = self.check_rebalance() {
@@ -160,7 +167,9 @@ impl IdempotentConsumer {
             }
             let positions: Vec<(Partition, i64)> = first.into_iter().collect();
             drop(messages);
-            self.rewind(&positions)?;
+            // The rebalance error is the one reported; a failed seek is
+            // retried by the next poll before it polls.
+            let _ = self.rewind::<E>(&positions);
             return Err(e);
         }
         if messages.is_empty() {
@@ -396,8 +405,28 @@ impl IdempotentConsumer {
     }
 
     /// Positions the consumer at the first unprocessed message of each
-    /// partition, so that the next poll retries them.
+    /// partition, so that the next poll retries them. If the seek fails, the
+    /// positions are kept and the next poll seeks them before polling.
     fn rewind<E>(&self, positions: &[(Partition, i64)]) -> Result<(), ConsumeError<E>> {
+        let result = self.seek(positions);
+        if result.is_err() {
+            self.unrewound.lock().extend_from_slice(positions);
+        }
+        result
+    }
+
+    /// Seeks what a failed rewind left, for the partitions still owned.
+    fn retry_rewind<E>(&self) -> Result<(), ConsumeError<E>> {
+        let pending = std::mem::take(&mut *self.unrewound.lock());
+        let owned = self.context().owned();
+        let pending: Vec<(Partition, i64)> = pending
+            .into_iter()
+            .filter(|(p, _)| owned.contains(p))
+            .collect();
+        self.rewind(&pending)
+    }
+
+    fn seek<E>(&self, positions: &[(Partition, i64)]) -> Result<(), ConsumeError<E>> {
         let mut tpl = TopicPartitionList::new();
         for (p, offset) in positions {
             tpl.add_partition_offset(p.topic(), p.partition(), Offset::Offset(*offset))?;

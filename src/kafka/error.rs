@@ -21,9 +21,13 @@ pub enum ConsumeError<E> {
         #[source]
         source: E,
     },
-    /// A message has no idempotency key and the policy is
+    /// A message has no idempotency key the store can take (none, empty, or
+    /// longer than the store's `max_key_len`) and the policy is
     /// [`MissingKey::Fail`].
-    #[error("message at {partition} offset {offset} has no idempotency key")]
+    #[error(
+        "message at {partition} offset {offset} has no usable idempotency key \
+         (none, empty, or longer than the store's max_key_len)"
+    )]
     MissingKey {
         /// The message's partition.
         partition: Partition,
