@@ -705,6 +705,19 @@ fn a_failed_handler_commits_what_came_before_and_is_retried() {
     );
 }
 
+/// Polls a consumer under `MissingKey::Fail` whose partition `p` has an
+/// unusable key at offset 5: records where it stopped.
+fn poll_failing_at_5(fail: &mut IdempotentConsumer, p: &Partition, stopped_at: &mut Option<i64>) {
+    match fail.poll_batch(Duration::from_millis(50), |_, _| Ok::<(), Infallible>(())) {
+        Ok(_) => {}
+        Err(ConsumeError::MissingKey { partition, offset }) => {
+            assert_eq!((&partition, offset), (p, 5));
+            *stopped_at = Some(offset);
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[test]
 fn keyless_messages_are_processed_or_stop_the_consumer_by_policy() {
     let (_cluster, servers) = cluster();
@@ -733,14 +746,7 @@ fn keyless_messages_are_processed_or_stop_the_consumer_by_policy() {
                 Ok::<(), Infallible>(())
             })
             .unwrap();
-        match fail.poll_batch(Duration::from_millis(50), |_, _| Ok::<(), Infallible>(())) {
-            Ok(_) => {}
-            Err(ConsumeError::MissingKey { partition, offset }) => {
-                assert_eq!((&partition, offset), (&p, 5));
-                stopped_at = Some(offset);
-            }
-            Err(e) => panic!("{e}"),
-        }
+        poll_failing_at_5(&mut fail, &p, &mut stopped_at);
     }
     assert_eq!(
         seen[5],
@@ -1076,14 +1082,7 @@ fn an_oversize_key_follows_the_missing_key_policy() {
             })
             .unwrap();
         skipped += report.skipped;
-        match fail.poll_batch(Duration::from_millis(50), |_, _| Ok::<(), Infallible>(())) {
-            Ok(_) => {}
-            Err(ConsumeError::MissingKey { partition, offset }) => {
-                assert_eq!((&partition, offset), (&p, 5));
-                stopped_at = Some(offset);
-            }
-            Err(e) => panic!("{e}"),
-        }
+        poll_failing_at_5(&mut fail, &p, &mut stopped_at);
     }
     let expected: Vec<i64> = (0..11).filter(|&o| o != 5).collect();
     assert_eq!(
