@@ -36,7 +36,7 @@ use crate::recovery::{
 };
 use crate::shard::{Counters, Shard, ShardInit};
 use crate::snapshot::{self, Taken};
-use crate::ttl::CfShared;
+use crate::ttl::{partition_time, CfShared};
 use crate::Partition;
 
 type Db = DBWithThreadMode<MultiThreaded>;
@@ -341,10 +341,7 @@ impl Engine {
             .saturating_sub(self.options.lateness_millis())
             .max(stored_watermark.unwrap_or(0));
         let clock_now = self.now();
-        let partition_now = match self.options.time_domain {
-            TimeDomain::ProcessingTime => clock_now,
-            TimeDomain::EventTime => watermark,
-        };
+        let partition_now = partition_time(self.options.time_domain, clock_now, watermark);
         let snapshot_id = read_u64(SNAPSHOT_KEY, "filter snapshot id")?;
         let loaded = snapshot_id
             .and_then(|id| {
