@@ -1,7 +1,8 @@
 //! Side-by-side comparison on one generated stream, in one run, on one
 //! machine: exactly (batch and single-op APIs) against naive RocksDB, RocksDB
-//! with write batches, an in-memory `HashSet`, and Redis `SET NX EX` (when a
-//! `redis-server` binary is on the PATH).
+//! with write batches, the obvious design (a Bloom filter per partition in
+//! front of RocksDB with write batches), an in-memory `HashSet`, and Redis
+//! `SET NX EX` (when a `redis-server` binary is on the PATH).
 //!
 //! ```text
 //! cargo run --release --example compare -- --messages 10000000 [--json out.json] [--only exactly-batch,naive-rocksdb]
@@ -344,6 +345,39 @@ fn main() {
             },
         ));
     }
+    if wanted("bloom-rocksdb-writebatch") {
+        // The obvious design: one Bloom filter per partition (sized like the
+        // store's, 1 % false positives) in front of RocksDB, a get for every
+        // filter positive, one `WriteBatch` per poll batch.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = raw_rocksdb(dir.path());
+        let per_partition = (messages / PARTITIONS).max(1_000);
+        let mut filters: Vec<fastbloom::BloomFilter> = (0..PARTITIONS)
+            .map(|_| fastbloom::BloomFilter::with_false_pos(0.01).expected_items(per_partition))
+            .collect();
+        rows.push(measure(
+            "bloom-rocksdb-writebatch",
+            &batches,
+            |p, keys, samples| {
+                let t = Instant::now();
+                let filter = &mut filters[p];
+                let mut wb = rocksdb::WriteBatch::default();
+                let mut seen = HashSet::with_capacity(keys.len());
+                let mut new = 0;
+                for k in keys {
+                    let maybe = filter.contains(k);
+                    if (!maybe || db.get_pinned(k).expect("get").is_none()) && seen.insert(*k) {
+                        wb.put(k, [1u8; 9]);
+                        filter.insert(k);
+                        new += 1;
+                    }
+                }
+                db.write(wb).expect("write");
+                samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
+                new
+            },
+        ));
+    }
     if wanted("hashset") {
         let mut set: HashSet<[u8; 16]> = HashSet::new();
         rows.push(measure("hashset", &batches, |_, keys, samples| {
@@ -392,7 +426,7 @@ fn main() {
         .find(|r| r.name == "naive-rocksdb")
         .map(|r| r.wall.as_nanos() as f64 / r.messages as f64);
     println!(
-        "{:<20} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10}",
+        "{:<24} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10}",
         "row",
         "ns/msg",
         "msgs/s",
@@ -415,7 +449,7 @@ fn main() {
         let (p50, p99) = (percentile(&r.samples, 0.5), percentile(&r.samples, 0.99));
         let ratio = baseline.map_or(f64::NAN, |b| b / ns);
         println!(
-            "{:<20} {:>10.0} {:>12.0} {:>10.0} {:>9} {:>9} {:>10.1} {:>10.2}x {:>10}",
+            "{:<24} {:>10.0} {:>12.0} {:>10.0} {:>9} {:>9} {:>10.1} {:>10.2}x {:>10}",
             r.name,
             ns,
             1e9 / ns,
@@ -437,7 +471,7 @@ fn main() {
         ));
     }
     for name in &skipped {
-        println!("{name:<20} skipped: no redis-server on the PATH");
+        println!("{name:<24} skipped: no redis-server on the PATH");
     }
     out.push_str("  ],\n  \"skipped\": [");
     out.push_str(
