@@ -12,8 +12,10 @@ use crate::config::{Durability, TimeDomain, TtlRefresh, MAX_TTL};
 use crate::engine::{refuse_older_epoch, Cf, Engine, ValidKey};
 use crate::error::{Error, Result};
 use crate::layout::{
-    encode_offset, Entry, EPOCH_KEY, EVENT_TIME_KEY, OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+    decode_entry, encode_offset, Entry, CHANGELOG_KEY, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG,
+    OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
 };
+use crate::outbox::{outbox_key, Change, OutboxEntry, OutboxRecord};
 use crate::shard::{Counters, Shard, WriterGuard};
 use crate::ttl::expiry;
 use crate::verdict::Verdict;
@@ -67,7 +69,15 @@ pub struct Batch<'s> {
     fence: Option<u64>,
     new_epoch: Option<u64>,
     max_event_time: Option<u64>,
+    /// Set when the batch's changes go to the partition's changelog: the
+    /// input offset of its first message, and the records staged with it.
+    outbox: Option<(i64, Vec<OutboxRecord>)>,
+    /// The changelog position a restore batch moves to.
+    changelog_next: Option<i64>,
 }
+
+/// What a committed batch left in the outbox: its sequence number and entry.
+pub(crate) type Published = (u64, OutboxEntry);
 
 impl<'s> Batch<'s> {
     pub(crate) fn new(
@@ -91,6 +101,8 @@ impl<'s> Batch<'s> {
             fence: None,
             new_epoch: None,
             max_event_time: None,
+            outbox: None,
+            changelog_next: None,
         }
     }
 
@@ -247,21 +259,45 @@ impl<'s> Batch<'s> {
         self.marks == 0
     }
 
+    /// Stages an outgoing Kafka record, written in this batch's atomic write
+    /// and produced in the same Kafka transaction as its changelog records
+    /// and offsets: the marks, the offset and the records all happen, or
+    /// none does (the outbox pattern).
+    ///
+    /// Errors: [`Error::NoOutbox`] unless the batch belongs to the Kafka
+    /// changelog loop (its handler's batch); nothing is staged.
+    pub fn send(&mut self, record: OutboxRecord) -> Result<()> {
+        match &mut self.outbox {
+            Some((_, records)) => {
+                records.push(record);
+                Ok(())
+            }
+            None => Err(Error::NoOutbox(self.shard.partition.clone())),
+        }
+    }
+
     /// Writes all marks, claims' outcomes and the offset in one atomic
     /// RocksDB write: after a crash either all of them are there or none.
     /// Returns when the write is as durable as [`crate::Durability`] promises.
     /// On error nothing of the batch is applied.
     pub fn commit(self) -> Result<()> {
+        self.commit_published().map(|_| ())
+    }
+
+    /// [`commit`](Self::commit), returning the outbox entry the write left
+    /// (a batch that records its changes, see
+    /// [`record_changes`](Self::record_changes)).
+    pub(crate) fn commit_published(self) -> Result<Option<Published>> {
         // Validation first, before anything is built; all of it under the
         // write lock, so the epoch and offset cannot change until this
         // returns.
         let plan = self.validate()?;
-        let Some(write) = self.encode(&plan) else {
-            return Ok(());
+        let Some((write, published)) = self.encode(&plan) else {
+            return Ok(None);
         };
         self.write(write)?;
-        self.publish(&plan);
-        Ok(())
+        self.publish(&plan, published.as_ref().map(|(seq, _)| *seq));
+        Ok(published)
     }
 
     /// Refuses a fenced batch, an epoch going backwards and a bad offset;
@@ -309,15 +345,16 @@ impl<'s> Batch<'s> {
         Ok(Plan { event_time })
     }
 
-    /// The RocksDB write of the batch, or `None` if it changes nothing.
-    fn encode(&self, plan: &Plan) -> Option<WriteBatch> {
+    /// The RocksDB write of the batch and the outbox entry it holds, or
+    /// `None` if it changes nothing.
+    fn encode(&self, plan: &Plan) -> Option<(WriteBatch, Option<Published>)> {
         let shard = &self.shard;
         let mut write = WriteBatch::default();
         // Sorted, so that RocksDB's memtable inserts walk forward instead of
         // searching from the top for every key.
         let mut keys: Vec<(&Vec<u8>, &Staged)> = self.staged.iter().collect();
         keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (k, staged) in keys {
+        for (k, staged) in &keys {
             match staged.entry {
                 Some(e) => write.put_cf(&self.cf, k, e.encode()),
                 None => write.delete_cf(&self.cf, k),
@@ -326,6 +363,35 @@ impl<'s> Batch<'s> {
         if let Some(offset) = self.offset {
             write.put_cf(&self.cf, OFFSET_KEY, encode_offset(offset));
         }
+        if let Some(next) = self
+            .changelog_next
+            .filter(|&n| shard.changelog_next().is_none_or(|c| n > c))
+        {
+            write.put_cf(&self.cf, CHANGELOG_KEY, encode_offset(next));
+        }
+        // The outbox entry goes in the same write as the marks and offset it
+        // publishes: the store never knows something the changelog cannot
+        // get. An entry with no change still carries the offset.
+        let published = self.outbox.as_ref().and_then(|(start, records)| {
+            if keys.is_empty() && records.is_empty() && self.offset.is_none() {
+                return None;
+            }
+            let entry = OutboxEntry {
+                start: *start,
+                next: self.offset.or(shard.committed_offset()).unwrap_or(*start),
+                changes: keys
+                    .iter()
+                    .map(|(k, staged)| Change {
+                        key: (*k).clone(),
+                        entry: staged.entry,
+                    })
+                    .collect(),
+                records: records.clone(),
+            };
+            let seq = shard.outbox_next();
+            write.put_cf(&self.cf, outbox_key(seq), entry.encode());
+            Some((seq, entry))
+        });
         if let Some(epoch) = self.new_epoch {
             write.put_cf(&self.cf, EPOCH_KEY, epoch.to_be_bytes());
         }
@@ -345,7 +411,7 @@ impl<'s> Batch<'s> {
             // From now on the saved filter is out of date.
             write.delete_cf(&self.cf, SNAPSHOT_KEY);
         }
-        Some(write)
+        Some((write, published))
     }
 
     /// Writes the batch. New marks go into the filter before the write: a
@@ -369,8 +435,14 @@ impl<'s> Batch<'s> {
     /// offset, the epoch, the event time and watermark. A reader sees a new
     /// claim only once it is on disk, so a failed write never leaves a key
     /// in flight that nobody claimed.
-    fn publish(&self, plan: &Plan) {
+    fn publish(&self, plan: &Plan, outbox_seq: Option<u64>) {
         let shard = &self.shard;
+        if let Some(seq) = outbox_seq {
+            shard.set_outbox_next(seq + 1);
+        }
+        if let Some(next) = self.changelog_next {
+            shard.advance_changelog(next);
+        }
         let mut claims_changed = false;
         for (k, staged) in &self.staged {
             if staged.claims {
@@ -404,6 +476,102 @@ impl<'s> Batch<'s> {
     }
 
     // ---- crate-internal ----
+
+    /// Makes the batch record its changes in the partition's outbox, for
+    /// the changelog; `start` is the input offset of its first message.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn record_changes(&mut self, start: i64) {
+        self.outbox.get_or_insert_with(|| (start, Vec::new()));
+    }
+
+    /// Applies one changelog record (a restore): `key` a stored key, `value`
+    /// a stored entry or `None` (removed). Records are applied in changelog
+    /// order and the later one wins, except that a mark never trades its
+    /// expiry for an earlier one: the changelog of another instance may miss
+    /// a mark this store made (a batch whose publication was given up), and
+    /// a mark is only ever made after its side effect.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn restore(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let bad = |reason: &str| Error::BadChangelogRecord {
+            partition: self.shard.partition.clone(),
+            reason: reason.to_string(),
+        };
+        if key.first() != Some(&MARK_TAG) {
+            return Err(bad("the key is not a stored mark key"));
+        }
+        let expected = match self.engine.options().key_mode {
+            crate::KeyMode::Hashed => key.len() == 17,
+            crate::KeyMode::Raw => {
+                key.len() >= 2 && key.len() <= self.engine.options().max_key_len + 1
+            }
+        };
+        if !expected {
+            return Err(bad(
+                "the key does not fit this store's key mode and max_key_len",
+            ));
+        }
+        let entry = match value {
+            None => None,
+            Some(v) => Some(decode_entry(v).map_err(|_| bad("the value is not a stored entry"))?),
+        };
+        let current = match self.staged.get(key) {
+            Some(staged) => staged.entry,
+            None => self.engine.read_entry(&self.cf, key)?,
+        };
+        let entry = match (current, entry) {
+            (Some(Entry::Done { expires_at: c }), Some(Entry::Done { expires_at: e })) => {
+                Some(Entry::Done {
+                    expires_at: c.max(e),
+                })
+            }
+            (_, e) => e,
+        };
+        if entry == current {
+            return Ok(());
+        }
+        let claims = matches!(entry, Some(Entry::Claimed { .. }))
+            || matches!(current, Some(Entry::Claimed { .. }));
+        self.stage(key.to_vec(), entry, claims);
+        Ok(())
+    }
+
+    /// Outgoing records staged so far.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn outbox_len(&self) -> usize {
+        self.outbox.as_ref().map_or(0, |(_, r)| r.len())
+    }
+
+    /// Drops the outgoing records staged after the first `n`.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn truncate_outbox(&mut self, n: usize) {
+        if let Some((_, records)) = &mut self.outbox {
+            records.truncate(n);
+        }
+    }
+
+    /// Moves the partition's changelog position to `next` at commit (never
+    /// back).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn set_changelog_next(&mut self, next: i64) {
+        self.changelog_next = Some(self.changelog_next.map_or(next, |n| n.max(next)));
+    }
+
+    /// Removes the outbox entries up to `seq` (they are published) and moves
+    /// the changelog position to `changelog_next` if given, in one write.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn complete_outbox(self, seq: u64, changelog_next: Option<i64>) -> Result<()> {
+        let mut write = WriteBatch::default();
+        write.delete_range_cf(&self.cf, outbox_key(0), outbox_key(seq.saturating_add(1)));
+        let next = changelog_next.filter(|&n| self.shard.changelog_next().is_none_or(|c| n > c));
+        if let Some(n) = next {
+            write.put_cf(&self.cf, CHANGELOG_KEY, encode_offset(n));
+        }
+        self.engine.write(write)?;
+        if let Some(n) = next {
+            self.shard.advance_changelog(n);
+        }
+        Ok(())
+    }
 
     /// Claims a validated key for `lease`; see
     /// [`Store::claim`](crate::Store::claim).

@@ -26,10 +26,12 @@ use crate::clock::TimeKeeper;
 use crate::config::{Durability, KeyMode, Options, TimeDomain, TtlRefresh};
 use crate::error::{Error, Result};
 use crate::layout::{
-    decode_entry, decode_offset, decode_u64, mark_key, Entry, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG,
-    OFFSET_KEY, SEQUENCE_PIN_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+    decode_entry, decode_offset, decode_u64, mark_key, Entry, CHANGELOG_KEY, EPOCH_KEY,
+    EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, OUTBOX_PREFIX, SEQUENCE_PIN_KEY, SNAPSHOT_KEY,
+    WATERMARK_KEY,
 };
 use crate::ledger::Ledger;
+use crate::outbox::{outbox_seq, OutboxEntry};
 use crate::recovery::{
     check_after_open, check_before_open, db_options, has_rocksdb_data, partition_cf_options,
     prepare_dir, Prepared,
@@ -329,12 +331,19 @@ impl Engine {
         }
         let event_time = read_u64(EVENT_TIME_KEY, "event time")?.unwrap_or(0);
         let stored_watermark = read_u64(WATERMARK_KEY, "watermark")?;
-        let offset = self
-            .db
-            .get_pinned_cf(&cf, OFFSET_KEY)
-            .map_err(|e| self.storage(e))?
-            .map(|v| decode_offset(&v))
-            .transpose()?;
+        let read_offset = |key: &[u8]| -> Result<Option<i64>> {
+            self.db
+                .get_pinned_cf(&cf, key)
+                .map_err(|e| self.storage(e))?
+                .map(|v| decode_offset(&v))
+                .transpose()
+        };
+        let offset = read_offset(OFFSET_KEY)?;
+        let changelog = read_offset(CHANGELOG_KEY)?;
+        let outbox_next = self
+            .outbox(&cf)?
+            .last()
+            .map_or(0, |(seq, _)| seq.saturating_add(1));
         // Never below the stored watermark, whatever lateness this open has:
         // compaction may have dropped marks that expired at it.
         let watermark = event_time
@@ -387,8 +396,24 @@ impl Engine {
             watermark,
             filter,
             claims,
+            outbox_next,
+            changelog,
         };
         Ok((name, shared, init))
+    }
+
+    /// The partition's outbox entries not yet published, in order.
+    pub(crate) fn outbox(&self, cf: &Cf<'_>) -> Result<Vec<(u64, OutboxEntry)>> {
+        let mut entries = Vec::new();
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek(OUTBOX_PREFIX);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Some(seq) = outbox_seq(k) else { break };
+            entries.push((seq, OutboxEntry::decode(v)?));
+            it.next();
+        }
+        it.status().map_err(|e| self.storage(e))?;
+        Ok(entries)
     }
 
     /// Builds a partition's Bloom front from its live marks on disk, and its

@@ -132,6 +132,22 @@ pub enum Error {
         partition: Partition,
     },
 
+    /// An outgoing record was staged in a batch that publishes nothing: only
+    /// the Kafka changelog loop's batches have an outbox. Nothing was staged.
+    #[error("a batch on {0} has no outbox: records can be staged only in a batch the Kafka changelog loop publishes")]
+    NoOutbox(Partition),
+
+    /// A changelog record cannot be applied: it is not something this crate
+    /// wrote, or it was written by a store with another key mode. Nothing of
+    /// the restore batch was applied.
+    #[error("changelog record of {partition} is malformed: {reason}")]
+    BadChangelogRecord {
+        /// The partition being restored.
+        partition: Partition,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// RocksDB reported an error. The operation may not have been applied; a
     /// batch is never half-applied.
     #[error("storage error: {0}")]

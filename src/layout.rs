@@ -76,6 +76,15 @@ pub(crate) fn decode_offset(value: &[u8]) -> Result<i64> {
     Ok(offset)
 }
 
+/// The key of the partition's changelog position (value: i64 BE): every
+/// record of the partition's Kafka changelog below it is reflected in this
+/// column family, so a restore reads from it. Absent until a changelog was
+/// used.
+pub(crate) const CHANGELOG_KEY: &[u8] = b"\x00changelog";
+/// The prefix of the partition's outbox entries: `OUTBOX_PREFIX ++ seq: u64
+/// BE`; the value is described in `outbox.rs`.
+pub(crate) const OUTBOX_PREFIX: &[u8] = b"\x00outbox:";
+
 /// The key holding the id of the partition's valid filter snapshot (value:
 /// u64 BE); the snapshot files are described in `snapshot.rs`.
 pub(crate) const SNAPSHOT_KEY: &[u8] = b"\x00filter_snapshot";

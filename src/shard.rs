@@ -57,6 +57,10 @@ pub(crate) struct ShardInit {
     pub(crate) watermark: u64,
     pub(crate) filter: ExpiringFilter,
     pub(crate) claims: HashMap<Vec<u8>, Entry>,
+    /// The sequence number of the next outbox entry.
+    pub(crate) outbox_next: u64,
+    /// The changelog position, if a changelog was used.
+    pub(crate) changelog: Option<i64>,
 }
 
 /// An assigned partition.
@@ -82,6 +86,10 @@ pub(crate) struct Shard {
     pub(crate) cf_shared: Arc<CfShared>,
     snapshot_key: AtomicBool,
     pub(crate) from_snapshot: bool,
+    /// The sequence number of the next outbox entry.
+    outbox_next: AtomicU64,
+    /// The changelog position (`NO_OFFSET`: none).
+    changelog: AtomicI64,
 }
 
 impl Shard {
@@ -107,6 +115,8 @@ impl Shard {
             cf_shared,
             snapshot_key: AtomicBool::new(init.snapshot_key),
             from_snapshot: init.from_snapshot,
+            outbox_next: AtomicU64::new(init.outbox_next),
+            changelog: AtomicI64::new(init.changelog.unwrap_or(NO_OFFSET)),
         }
     }
 
@@ -248,6 +258,28 @@ impl Shard {
     pub(crate) fn committed_offset(&self) -> Option<i64> {
         let o = self.offset.load(Ordering::Acquire);
         (o != NO_OFFSET).then_some(o)
+    }
+
+    /// The sequence number the next outbox entry gets.
+    pub(crate) fn outbox_next(&self) -> u64 {
+        self.outbox_next.load(Ordering::Acquire)
+    }
+
+    /// Publishes the next outbox sequence number; call with the write lock
+    /// held, after the write.
+    pub(crate) fn set_outbox_next(&self, next: u64) {
+        self.outbox_next.store(next, Ordering::Release);
+    }
+
+    /// The partition's changelog position, if a changelog was used.
+    pub(crate) fn changelog_next(&self) -> Option<i64> {
+        let o = self.changelog.load(Ordering::Acquire);
+        (o != NO_OFFSET).then_some(o)
+    }
+
+    /// Publishes a later changelog position; call after the write.
+    pub(crate) fn advance_changelog(&self, next: i64) {
+        self.changelog.fetch_max(next, Ordering::AcqRel);
     }
 
     /// Publishes a committed offset; call with the write lock held.

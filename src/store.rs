@@ -14,6 +14,7 @@ use crate::config::Options;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::membership::{Membership, MembershipGuard};
+use crate::outbox::OutboxEntry;
 use crate::shard::{Counters, Shard};
 use crate::stats::Stats;
 use crate::verdict::Verdict;
@@ -361,6 +362,21 @@ impl Store {
     /// restart. `None` if no batch with an offset was ever committed.
     pub fn committed_offset(&self, partition: &Partition) -> Result<Option<i64>> {
         Ok(self.shard(partition)?.committed_offset())
+    }
+
+    /// The partition's changelog position (Kafka changelog mode): every
+    /// record of its changelog below this offset is reflected in the store.
+    /// `None` if no changelog was ever used for it.
+    pub fn changelog_offset(&self, partition: &Partition) -> Result<Option<i64>> {
+        Ok(self.shard(partition)?.changelog_next())
+    }
+
+    /// The partition's outbox entries not yet published, in order.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn outbox(&self, partition: &Partition) -> Result<Vec<(u64, OutboxEntry)>> {
+        let shard = self.shard(partition)?;
+        let cf = self.engine.cf(&shard)?;
+        self.engine.outbox(&cf)
     }
 
     /// Makes every write acknowledged so far survive a power cut (fsyncs the

@@ -10,10 +10,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::changelog::Changelog;
 use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
 use super::error::ConsumeError;
 use super::keys::{KeySource, MissingKey};
-use crate::batch::Batch;
+use super::publish::{ChangelogState, Restores, ToPublish};
+use crate::batch::{Batch, Published};
 use crate::{Error, Partition};
 
 /// When the poll loop commits offsets to Kafka. Kafka commits always follow
@@ -57,6 +59,9 @@ pub struct PollReport {
     /// Non-fatal Kafka errors: errors returned by poll (librdkafka recovers
     /// from them on its own) and a failed asynchronous commit request.
     pub kafka_errors: Vec<KafkaError>,
+    /// Changelog mode: partitions whose restore finished in this call (they
+    /// are processed from now on), with the changelog records read.
+    pub restored: Vec<(Partition, u64)>,
 }
 
 /// The idempotent poll loop over a consumer with a [`DedupContext`].
@@ -77,6 +82,8 @@ pub struct IdempotentConsumer {
     /// Positions a failed rewind left to seek: the next poll seeks them
     /// first, so that a seek error never skips messages.
     unrewound: Mutex<Vec<(Partition, i64)>>,
+    /// Changelog mode, when set.
+    changelog: Option<ChangelogState>,
 }
 
 impl std::fmt::Debug for IdempotentConsumer {
@@ -101,7 +108,24 @@ impl IdempotentConsumer {
             seek_timeout: Duration::from_secs(10),
             kafka_commit: KafkaCommit::default(),
             unrewound: Mutex::new(Vec::new()),
+            changelog: None,
         }
+    }
+
+    /// Changelog mode: each poll batch's store changes (and the records its
+    /// handler staged with [`Batch::send`]) are published to the partition's
+    /// changelog in one Kafka transaction with the group's offsets; an
+    /// assigned partition is restored from its changelog before its first
+    /// message is handled; what a crash left in the local outbox is
+    /// published (or given up, if someone processed it since) before the
+    /// partition is processed further. Offsets go to Kafka only in those
+    /// transactions: [`KafkaCommit`] and the handover commit do not apply.
+    /// Read the input with `isolation.level=read_committed`. See
+    /// `docs/kafka.md`, "Changelog mode".
+    pub fn changelog(mut self, changelog: Changelog) -> Self {
+        self.context().enable_restore();
+        self.changelog = Some(ChangelogState::new(changelog));
+        self
     }
 
     /// When offsets are committed to Kafka after the store commit (default
@@ -151,9 +175,26 @@ impl IdempotentConsumer {
     where
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
     {
+        self.poll_batch_outbox(timeout, |m, key, _| handler(m, key))
+    }
+
+    /// [`poll_batch`](Self::poll_batch) with a handler that also gets the
+    /// partition's open store batch, to stage outgoing records with
+    /// [`Batch::send`] (changelog mode): they are produced in the same
+    /// Kafka transaction as the batch's marks and offsets. Records a
+    /// failing handler staged are dropped with its message.
+    pub fn poll_batch_outbox<E, H>(
+        &mut self,
+        timeout: Duration,
+        mut handler: H,
+    ) -> Result<PollReport, ConsumeError<E>>
+    where
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
+    {
         self.check_rebalance()?;
         self.retry_rewind()?;
         let mut report = PollReport::default();
+        self.changelog_step(&mut report)?;
         let messages = self.poll_messages(timeout, &mut report);
         if let Err(e) = self.check_rebalance() {
             // Nothing polled is processed: put the consumer back at the
@@ -187,6 +228,7 @@ impl IdempotentConsumer {
         let mut to_kafka = TopicPartitionList::new();
         let mut outcome = Ok(());
         let mut unprocessed: Vec<(Partition, i64)> = Vec::new();
+        let mut to_publish: Vec<ToPublish> = Vec::new();
         for (p, msgs) in &by_partition {
             if outcome.is_err() {
                 if let Some(first) = msgs.first() {
@@ -195,6 +237,13 @@ impl IdempotentConsumer {
                 continue;
             }
             let result = self.process_partition(p, msgs, &mut handler, &mut report);
+            if let Some((seq, entry)) = result.published {
+                to_publish.push(ToPublish {
+                    partition: p.clone(),
+                    seq,
+                    entry,
+                });
+            }
             if let Some(offset) = result.committed {
                 report.committed.push((p.clone(), offset));
                 if let Err(e) =
@@ -209,7 +258,20 @@ impl IdempotentConsumer {
             }
         }
 
+        if let Some(changelog) = &mut self.changelog {
+            if !to_publish.is_empty() {
+                // The committed batches stay in the outbox if this fails, and
+                // the next poll publishes them before anything else.
+                if let Err(e) = changelog.publish(&self.consumer, to_publish) {
+                    if outcome.is_err() {
+                        self.rewind(&unprocessed)?;
+                    }
+                    return Err(ConsumeError::Kafka(e));
+                }
+            }
+        }
         let mode = match self.kafka_commit {
+            _ if self.changelog.is_some() => None,
             KafkaCommit::Async => Some(CommitMode::Async),
             KafkaCommit::Sync => Some(CommitMode::Sync),
             KafkaCommit::OnRevoke => None,
@@ -226,6 +288,25 @@ impl IdempotentConsumer {
                 Err(e)
             }
         }
+    }
+
+    /// Changelog mode, before a poll: starts the restores of newly assigned
+    /// partitions, resumes the restored ones, and publishes what a failed
+    /// transaction left.
+    fn changelog_step<E>(&mut self, report: &mut PollReport) -> Result<(), ConsumeError<E>> {
+        let Some(changelog) = &mut self.changelog else {
+            return Ok(());
+        };
+        changelog.start_restores(&self.consumer)?;
+        let mut restores = Restores::default();
+        changelog.finish_restores(&self.consumer, &mut restores)?;
+        report.restored.extend(restores.done);
+        changelog.publish_pending(&self.consumer)
+    }
+
+    /// Whether `p` is waiting for its restore (changelog mode).
+    pub fn is_restoring(&self, p: &Partition) -> bool {
+        self.changelog.as_ref().is_some_and(|c| c.is_restoring(p))
     }
 
     /// Runs [`poll_batch`](Self::poll_batch) until `stop` returns `true`
@@ -298,11 +379,12 @@ impl IdempotentConsumer {
         report: &mut PollReport,
     ) -> PartitionResult<E>
     where
-        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
     {
         let start = msgs.first().map_or(0, |m| m.offset());
         let fail = |e: ConsumeError<E>, resume_at: i64| PartitionResult {
             committed: None,
+            published: None,
             resume_at,
             outcome: Err(e),
         };
@@ -314,6 +396,9 @@ impl IdempotentConsumer {
         // A consumer that lost the partition to a newer generation commits nothing.
         if let Some(epoch) = self.context().epoch(p) {
             batch.fence(epoch);
+        }
+        if self.changelog.is_some() {
+            batch.record_changes(start);
         }
 
         let mut next = start;
@@ -335,14 +420,16 @@ impl IdempotentConsumer {
         };
         let offset = committed.map_or(next, |c| c.max(next));
         batch.set_offset(offset);
-        if let Err(e) = batch.commit() {
-            return fail(e.into(), start);
-        }
+        let published = match batch.commit_published() {
+            Ok(published) => published,
+            Err(e) => return fail(e.into(), start),
+        };
         // The batch started at the consumer's position, which is at or past
         // the group's committed offset: so is the store's offset now.
         self.context().may_hand_over(p);
         PartitionResult {
             committed: Some(offset),
+            published,
             resume_at: offset,
             outcome: error.map_or(Ok(()), Err),
         }
@@ -359,7 +446,7 @@ impl IdempotentConsumer {
         report: &mut PollReport,
     ) -> Result<(), ConsumeError<E>>
     where
-        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>) -> Result<(), E>,
+        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
     {
         let handler_error = |source| ConsumeError::Handler {
             partition: p.clone(),
@@ -388,7 +475,11 @@ impl IdempotentConsumer {
                     Ok(())
                 }
                 MissingKey::Process => {
-                    handler(m, None).map_err(handler_error)?;
+                    let staged = batch.outbox_len();
+                    if let Err(e) = handler(m, None, batch) {
+                        batch.truncate_outbox(staged);
+                        return Err(handler_error(e));
+                    }
                     report.processed += 1;
                     Ok(())
                 }
@@ -398,7 +489,11 @@ impl IdempotentConsumer {
                 }),
             };
         };
-        handler(m, Some(&key)).map_err(handler_error)?;
+        let staged = batch.outbox_len();
+        if let Err(e) = handler(m, Some(&key), batch) {
+            batch.truncate_outbox(staged);
+            return Err(handler_error(e));
+        }
         report.processed += 1;
         batch.mark_checked(checked);
         Ok(())
@@ -446,6 +541,8 @@ impl IdempotentConsumer {
 struct PartitionResult<E> {
     /// The offset committed to the store, if the batch was committed.
     committed: Option<i64>,
+    /// The outbox entry the commit left (changelog mode).
+    published: Option<Published>,
     /// Where the partition should resume when `outcome` is an error.
     resume_at: i64,
     outcome: Result<(), ConsumeError<E>>,

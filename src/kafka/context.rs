@@ -3,7 +3,7 @@
 //! resume point, and hands revoked ones over.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,6 +102,12 @@ pub struct DedupContext {
     handover_failures: AtomicU64,
     commit_failures: AtomicU64,
     failure: Mutex<Option<RebalanceFailure>>,
+    /// Changelog mode: assigned partitions are paused until restored, and
+    /// offsets go to Kafka only in the changelog's transactions.
+    restore: AtomicBool,
+    /// Partitions assigned in changelog mode and not yet restored, with
+    /// the rebalance count of their ownership.
+    to_restore: Mutex<Vec<(Partition, u64)>>,
 }
 
 impl DedupContext {
@@ -117,6 +123,8 @@ impl DedupContext {
             handover_failures: AtomicU64::new(0),
             commit_failures: AtomicU64::new(0),
             failure: Mutex::new(None),
+            restore: AtomicBool::new(false),
+            to_restore: Mutex::new(Vec::new()),
         }
     }
 
@@ -184,6 +192,35 @@ impl DedupContext {
             .is_some_and(|o| o.since <= rebalances)
     }
 
+    /// Turns changelog mode on (see `IdempotentConsumer::changelog`).
+    pub(super) fn enable_restore(&self) {
+        self.restore.store(true, Ordering::Release);
+    }
+
+    fn restore_mode(&self) -> bool {
+        self.restore.load(Ordering::Acquire)
+    }
+
+    /// The partitions waiting for a restore, with their ownership's
+    /// rebalance count.
+    pub(super) fn take_to_restore(&self) -> Vec<(Partition, u64)> {
+        std::mem::take(&mut *self.to_restore.lock())
+    }
+
+    /// Puts a partition back in the restore queue (its restore failed).
+    pub(super) fn restore_again(&self, partition: Partition, since: u64) {
+        self.to_restore.lock().push((partition, since));
+    }
+
+    /// The rebalance count `partition`'s current ownership began at, and
+    /// the group's committed offset read then (if it was).
+    pub(super) fn ownership(&self, partition: &Partition) -> Option<(u64, Option<i64>)> {
+        self.owned
+            .lock()
+            .get(partition)
+            .map(|o| (o.since, o.group_offset))
+    }
+
     /// The epoch `partition` was assigned with, if any.
     pub(super) fn epoch(&self, partition: &Partition) -> Option<u64> {
         self.owned.lock().get(partition).and_then(|o| o.epoch)
@@ -215,8 +252,12 @@ impl DedupContext {
                 epoch,
                 since,
                 handover: false,
+                group_offset: None,
             };
             self.owned.lock().insert(p.clone(), owned);
+            if self.restore_mode() {
+                self.to_restore.lock().push((p.clone(), since));
+            }
             match self.store().committed_offset(&p) {
                 Ok(Some(offset)) => store_offsets.push((p, offset)),
                 Ok(None) => {}
@@ -236,6 +277,11 @@ impl DedupContext {
                 .and_then(|g| g.find_partition(p.topic(), p.partition()));
             let group_known = entry.as_ref().is_some_and(|e| e.error().is_ok());
             let group_offset = entry.map_or(Offset::Invalid, |e| e.offset());
+            if let (true, Offset::Offset(g)) = (group_known, group_offset) {
+                if let Some(owned) = self.owned.lock().get_mut(&p) {
+                    owned.group_offset = Some(g);
+                }
+            }
             // Unread, the group's offset may be ahead of the store's: the
             // store's offset may not be handed over until this consumer has
             // committed a batch of the partition (which starts at the group's
@@ -286,7 +332,10 @@ impl DedupContext {
             .iter()
             .map(|e| Partition::new(e.topic(), e.partition()))
             .collect();
-        if self.handover_commit && !consumer.assignment_lost() {
+        // In changelog mode offsets reach Kafka only in the changelog's
+        // transactions: a plain commit could move the group's offset past a
+        // batch whose changelog records are not published yet.
+        if self.handover_commit && !self.restore_mode() && !consumer.assignment_lost() {
             let mut offsets = TopicPartitionList::new();
             let owned = self.owned.lock().clone();
             for p in &partitions {
@@ -310,6 +359,9 @@ impl DedupContext {
                 self.handover_failures.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.to_restore
+            .lock()
+            .retain(|(p, _)| !partitions.contains(p));
         for p in &partitions {
             self.owned.lock().remove(p);
             if let Err(e) = self.group.release(self.member, p) {
@@ -332,6 +384,8 @@ struct Owned {
     /// adopted) at assignment, or this consumer committed a batch of the
     /// partition since. Only then does a handover commit it.
     handover: bool,
+    /// The group's committed offset, when it was read at assignment.
+    group_offset: Option<i64>,
 }
 
 impl ClientContext for DedupContext {}
@@ -350,10 +404,17 @@ impl ConsumerContext for DedupContext {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl);
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
+                };
+                // Changelog mode: nothing of a partition is fetched until its
+                // restore is done (the poll loop resumes it then).
+                if assigned.is_ok() && self.restore_mode() {
+                    consumer.pause(tpl)
+                } else {
+                    assigned
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -370,6 +431,7 @@ impl ConsumerContext for DedupContext {
                 let owned: Vec<Partition> = std::mem::take(&mut *self.owned.lock())
                     .into_keys()
                     .collect();
+                self.to_restore.lock().clear();
                 for p in &owned {
                     if let Err(e) = self.group.release(self.member, p) {
                         self.fail(RebalanceFailure::Store(e));

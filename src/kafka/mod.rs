@@ -50,16 +50,22 @@
 //! (where a message's key comes from), `consumer` (the poll loop) and
 //! `error`. Dependencies point one way: consumer → context → group.
 
+mod changelog;
 mod consumer;
 mod context;
 mod error;
 mod group;
 mod keys;
+mod publish;
+mod restore;
 
 /// The rdkafka crate this module is built against, so that applications use
 /// the same version.
 pub use rdkafka;
 
+pub use changelog::{
+    changelog_topic, Changelog, Deliveries, ProgressFn, RestoreProgress, PROGRESS_KEY,
+};
 pub use consumer::{IdempotentConsumer, KafkaCommit, PollReport};
 pub use context::{resume_offset, DedupConsumer, DedupContext};
 pub use error::ConsumeError;

@@ -1,0 +1,365 @@
+//! Changelog mode of the poll loop: restores on assign, the local outbox
+//! published in one Kafka transaction per poll batch with the group's
+//! offsets, and what a restart left in the outbox.
+
+use std::collections::BTreeSet;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::changelog::Changelog;
+use super::context::DedupConsumer;
+use super::error::ConsumeError;
+use super::restore::{restore, RestoreError, Restored};
+use crate::layout::Entry;
+use crate::outbox::{OutboxEntry, GIVEN_UP};
+use crate::{Partition, Store};
+
+/// A restore that finished, for the poll loop to act on.
+struct RestoreDone {
+    partition: Partition,
+    since: u64,
+    result: Result<Restored, RestoreError>,
+}
+
+/// A committed store batch whose outbox entry is to be published.
+pub(super) struct ToPublish {
+    pub(super) partition: Partition,
+    pub(super) seq: u64,
+    pub(super) entry: OutboxEntry,
+}
+
+/// The poll loop's changelog state.
+pub(super) struct ChangelogState {
+    changelog: Arc<Changelog>,
+    done_tx: Sender<RestoreDone>,
+    done_rx: Receiver<RestoreDone>,
+    /// Partitions being restored.
+    restoring: BTreeSet<Partition>,
+    /// Partitions whose outbox holds entries a failed transaction left.
+    pending: BTreeSet<Partition>,
+}
+
+impl std::fmt::Debug for ChangelogState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangelogState")
+            .field("changelog", &self.changelog)
+            .field("restoring", &self.restoring)
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+/// What the changelog mode did in one poll.
+#[derive(Debug, Default)]
+pub(super) struct Restores {
+    /// Partitions restored and resumed, with the records read.
+    pub(super) done: Vec<(Partition, u64)>,
+}
+
+impl ChangelogState {
+    pub(super) fn new(changelog: Changelog) -> Self {
+        let (done_tx, done_rx) = channel();
+        Self {
+            changelog: Arc::new(changelog),
+            done_tx,
+            done_rx,
+            restoring: BTreeSet::new(),
+            pending: BTreeSet::new(),
+        }
+    }
+
+    /// Starts a restore, in a thread of its own, for each partition the
+    /// last rebalances assigned: other partitions go on processing
+    /// meanwhile, and a restoring partition stays paused.
+    pub(super) fn start_restores(&mut self, consumer: &DedupConsumer) -> Result<(), KafkaError> {
+        let context = consumer.context();
+        for (p, since) in context.take_to_restore() {
+            if let Err(e) = self.ensure_topic(consumer, &p) {
+                context.restore_again(p, since);
+                return Err(e);
+            }
+            self.restoring.insert(p.clone());
+            // Its restore settles what the outbox holds.
+            self.pending.remove(&p);
+            let store: Arc<Store> = context.store().clone();
+            let changelog = self.changelog.clone();
+            let tx = self.done_tx.clone();
+            std::thread::spawn(move || {
+                let topic = changelog.topic(p.topic());
+                let result = restore(
+                    &store,
+                    &changelog.client,
+                    &topic,
+                    &p,
+                    changelog.timeout,
+                    changelog.progress.as_ref(),
+                );
+                // The loop may be gone: nothing to report to then.
+                let _ = tx.send(RestoreDone {
+                    partition: p,
+                    since,
+                    result,
+                });
+            });
+        }
+        Ok(())
+    }
+
+    fn ensure_topic(&self, consumer: &DedupConsumer, p: &Partition) -> Result<(), KafkaError> {
+        // Asked through the consumer, which does not create topics by asking.
+        let name = self.changelog.topic(p.topic());
+        let exists = consumer
+            .fetch_metadata(Some(&name), self.changelog.timeout)?
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+        if exists {
+            return Ok(());
+        }
+        let metadata = consumer.fetch_metadata(Some(p.topic()), self.changelog.timeout)?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == p.topic())
+            .map_or(0, |t| t.partitions().len());
+        let partitions = i32::try_from(partitions)
+            .unwrap_or(i32::MAX)
+            .max(p.partition() + 1);
+        self.changelog.ensure_topic(p.topic(), partitions)
+    }
+
+    /// Acts on the restores that finished: publishes or gives up what each
+    /// partition's outbox holds, positions the partition where processing
+    /// got to, and resumes it.
+    pub(super) fn finish_restores<E>(
+        &mut self,
+        consumer: &DedupConsumer,
+        report: &mut Restores,
+    ) -> Result<(), ConsumeError<E>> {
+        let context = consumer.context();
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.restoring.remove(&done.partition);
+            let p = done.partition;
+            let Some((since, group_offset)) = context.ownership(&p) else {
+                continue;
+            };
+            if since != done.since {
+                // Revoked and assigned again since: a newer restore runs.
+                continue;
+            }
+            let restored = match done.result {
+                Ok(r) => r,
+                Err(RestoreError::Store(crate::Error::NotAssigned(_))) => continue,
+                Err(e) => {
+                    context.restore_again(p, since);
+                    return Err(match e {
+                        RestoreError::Store(e) => ConsumeError::Store(e),
+                        RestoreError::Kafka(e) => ConsumeError::Kafka(e),
+                    });
+                }
+            };
+            // Where processing got to, by the changelog (its progress
+            // records are in the transactions that committed the group's
+            // offsets) or the group's offset read at assignment.
+            let progress = match (restored.progress, group_offset) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            if let Err(e) = self.resume_restored(consumer, &p, progress) {
+                context.restore_again(p, since);
+                return Err(e);
+            }
+            report.done.push((p, restored.records));
+        }
+        Ok(())
+    }
+
+    /// Settles a restored partition's outbox, positions it where processing
+    /// got to and resumes it.
+    fn resume_restored<E>(
+        &mut self,
+        consumer: &DedupConsumer,
+        p: &Partition,
+        progress: Option<i64>,
+    ) -> Result<(), ConsumeError<E>> {
+        let store = consumer.context().store();
+        {
+            self.settle_outbox(consumer, p, progress)?;
+            let committed = store.committed_offset(p)?;
+            let resume = match (committed, progress) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(resume) = resume {
+                if committed.is_none_or(|c| resume > c) {
+                    let mut batch = store.batch(p)?;
+                    batch.set_offset(resume);
+                    batch.commit()?;
+                }
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(p.topic(), p.partition(), Offset::Offset(resume))?;
+                let sought = consumer.seek_partitions(tpl, self.changelog.timeout)?;
+                for e in sought.elements() {
+                    e.error()?;
+                }
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(p.topic(), p.partition());
+            consumer.resume(&tpl)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a partition is still being restored (paused).
+    pub(super) fn is_restoring(&self, p: &Partition) -> bool {
+        self.restoring.contains(p)
+    }
+
+    /// What a restart (or a failed transaction) left in `p`'s outbox, once
+    /// its restore says where processing got to (`progress`): an entry
+    /// whose messages someone processed since, or that was published
+    /// already (its progress record is in the changelog), is given up, but
+    /// for its marks (each made after its side effect, so true whoever
+    /// processed the messages again: publishing them only tells later
+    /// owners more); the rest is published, in order, with its offsets and
+    /// outgoing records.
+    fn settle_outbox<E>(
+        &mut self,
+        consumer: &DedupConsumer,
+        p: &Partition,
+        progress: Option<i64>,
+    ) -> Result<(), ConsumeError<E>> {
+        let store = consumer.context().store();
+        let entries = store.outbox(p)?;
+        let Some(last_seq) = entries.last().map(|(seq, _)| *seq) else {
+            return Ok(());
+        };
+        let batches: Vec<ToPublish> = entries
+            .into_iter()
+            .map(|(seq, mut entry)| {
+                if progress.is_some_and(|g| entry.start < g) {
+                    entry = OutboxEntry {
+                        start: entry.start,
+                        next: GIVEN_UP,
+                        changes: entry
+                            .changes
+                            .into_iter()
+                            .filter(|c| matches!(c.entry, Some(Entry::Done { .. })))
+                            .collect(),
+                        records: Vec::new(),
+                    };
+                }
+                ToPublish {
+                    partition: p.clone(),
+                    seq,
+                    entry,
+                }
+            })
+            .collect();
+        if batches
+            .iter()
+            .all(|b| b.entry.changes.is_empty() && b.entry.next == GIVEN_UP)
+        {
+            store.batch(p)?.complete_outbox(last_seq, None)?;
+            return Ok(());
+        }
+        self.publish(consumer, batches)?;
+        Ok(())
+    }
+
+    /// Publishes the outbox entries a failed transaction left, before
+    /// anything else is processed.
+    pub(super) fn publish_pending<E>(
+        &mut self,
+        consumer: &DedupConsumer,
+    ) -> Result<(), ConsumeError<E>> {
+        let owned = consumer.context().owned();
+        let pending: Vec<Partition> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|p| owned.contains(p))
+            .collect();
+        let store = consumer.context().store();
+        let mut all = Vec::new();
+        for p in &pending {
+            for (seq, entry) in store.outbox(p)? {
+                all.push(ToPublish {
+                    partition: p.clone(),
+                    seq,
+                    entry,
+                });
+            }
+        }
+        if all.is_empty() {
+            return Ok(());
+        }
+        self.publish(consumer, all)?;
+        Ok(())
+    }
+
+    /// Publishes `batches` (in order per partition) and their offsets in
+    /// one transaction, then removes them from the outbox and records the
+    /// changelog position their records reached. If the transaction fails,
+    /// the entries stay in the outbox, and the next poll publishes them
+    /// before it processes anything.
+    pub(super) fn publish(
+        &mut self,
+        consumer: &DedupConsumer,
+        batches: Vec<ToPublish>,
+    ) -> Result<(), KafkaError> {
+        let mut grouped: Vec<(Partition, Vec<&OutboxEntry>)> = Vec::new();
+        let mut offsets = TopicPartitionList::new();
+        for b in &batches {
+            match grouped.last_mut() {
+                Some((p, list)) if *p == b.partition => list.push(&b.entry),
+                _ => grouped.push((b.partition.clone(), vec![&b.entry])),
+            }
+        }
+        for (p, list) in &grouped {
+            if let Some(last) = list.iter().rev().find(|e| e.next != GIVEN_UP) {
+                offsets.add_partition_offset(
+                    p.topic(),
+                    p.partition(),
+                    Offset::Offset(last.next),
+                )?;
+            }
+        }
+        // A consumer without a group (assigned by hand) has no offsets to
+        // commit: its positions are the store's.
+        let group = consumer.group_metadata();
+        let result = self.changelog.publish(&grouped, &offsets, group.as_ref());
+        let positions = match result {
+            Ok(positions) => positions,
+            Err(e) => {
+                for (p, _) in &grouped {
+                    self.pending.insert(p.clone());
+                }
+                return Err(e);
+            }
+        };
+        let store = consumer.context().store();
+        for (p, _) in &grouped {
+            let seq = batches
+                .iter()
+                .filter(|b| b.partition == *p)
+                .map(|b| b.seq)
+                .max();
+            let position = positions.iter().find(|(q, _)| q == p).map(|(_, n)| *n);
+            if let Some(seq) = seq {
+                // Published: if this write is lost, the restore after a
+                // restart finds the entry's progress record in the
+                // changelog and gives it up instead of publishing it twice.
+                // If the write fails, the entry stays until the partition's
+                // next restore settles it that way; it is not published
+                // again before.
+                let _ = store
+                    .batch(p)
+                    .and_then(|b| b.complete_outbox(seq, position));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! Restore on assign: a shard whose store is behind its changelog catches up
+//! from it before the partition's first message is handed to the
+//! application.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::changelog::{ProgressFn, RestoreProgress, PROGRESS_KEY};
+use crate::{Partition, Store};
+
+/// Records applied per store batch: bounds the memory a restore holds.
+const CHUNK: usize = 10_000;
+
+/// What a restore found.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Restored {
+    /// The latest input offset the changelog says was committed, if it
+    /// said any in the part read.
+    pub(super) progress: Option<i64>,
+    /// Records read.
+    pub(super) records: u64,
+}
+
+/// A restore's failure.
+#[derive(Debug)]
+pub(super) enum RestoreError {
+    Store(crate::Error),
+    Kafka(KafkaError),
+}
+
+impl From<crate::Error> for RestoreError {
+    fn from(e: crate::Error) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl From<KafkaError> for RestoreError {
+    fn from(e: KafkaError) -> Self {
+        Self::Kafka(e)
+    }
+}
+
+/// Brings `partition`'s shard up to the end of changelog topic `topic`
+/// (its partition of the same number): reads from the shard's changelog
+/// position (or the start) to the end the broker reports, applying each
+/// record in changelog order, [`CHUNK`] records per store batch, each
+/// batch moving the shard's changelog position with it, so that a restore
+/// cut short resumes where it stopped.
+///
+/// Reads with `isolation.level=read_committed`: records of open or aborted
+/// transactions are skipped on a broker that filters them. One that does
+/// not (the changelog then holds the records of aborted transactions too)
+/// cannot make the restore wrong: a mark reaches the changelog only after
+/// its side effect happened (in its own transaction, aborted or not), and
+/// a claim only before it; a restored claim is never taken for a mark.
+pub(super) fn restore(
+    store: &Store,
+    client: &ClientConfig,
+    topic: &str,
+    partition: &Partition,
+    timeout: Duration,
+    progress: Option<&Arc<ProgressFn>>,
+) -> Result<Restored, RestoreError> {
+    let started = Instant::now();
+    let from = store.changelog_offset(partition)?.unwrap_or(0);
+    let mut config = client.clone();
+    config
+        .set("group.id", "exactly-restore")
+        .set("enable.auto.commit", "false")
+        // The end of the partition as the broker sees it, markers of
+        // committed transactions included: the one reliable "caught up".
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest");
+    let consumer: BaseConsumer = config.create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition.partition(), timeout)?;
+    let mut restored = Restored::default();
+    if high <= from {
+        return Ok(restored);
+    }
+    let start = from.max(low);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition.partition(), Offset::Offset(start))?;
+    consumer.assign(&tpl)?;
+
+    let report = |records: u64, bytes: u64, position: i64| {
+        if let Some(f) = progress {
+            f(&RestoreProgress {
+                partition: partition.clone(),
+                records,
+                bytes,
+                remaining: u64::try_from(high.saturating_sub(position)).unwrap_or(0),
+                elapsed: started.elapsed(),
+            });
+        }
+    };
+    let mut bytes = 0u64;
+    let mut position = start;
+    let mut batch = store.batch(partition)?;
+    let mut in_batch = 0usize;
+    let mut idle = Instant::now();
+    // The end is the high watermark read above: a record past it was written
+    // after this restore began, by an owner this instance has replaced.
+    while position < high {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                // A broker that keeps the changelog's end behind an open
+                // transaction (the previous owner's, until it commits or is
+                // aborted) delivers nothing past it: stop at the timeout.
+                if idle.elapsed() > timeout {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => {
+                idle = Instant::now();
+                position = m.offset() + 1;
+                restored.records += 1;
+                let key = m.key().unwrap_or_default();
+                bytes += (key.len() + m.payload().map_or(0, <[u8]>::len)) as u64;
+                if key == PROGRESS_KEY {
+                    if let Some(offset) = m
+                        .payload()
+                        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                        .map(i64::from_be_bytes)
+                        .filter(|&o| o >= 0)
+                    {
+                        restored.progress =
+                            Some(restored.progress.map_or(offset, |p| p.max(offset)));
+                    }
+                } else {
+                    batch.restore(key, m.payload())?;
+                }
+                in_batch += 1;
+                if in_batch >= CHUNK {
+                    batch.set_changelog_next(position);
+                    batch.commit()?;
+                    report(restored.records, bytes, position);
+                    batch = store.batch(partition)?;
+                    in_batch = 0;
+                }
+            }
+        }
+    }
+    batch.set_changelog_next(position);
+    batch.commit()?;
+    report(restored.records, bytes, position);
+    Ok(restored)
+}

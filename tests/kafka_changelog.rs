@@ -1,0 +1,498 @@
+//! Changelog mode on librdkafka's in-process mock cluster: a partition's
+//! marks follow it to another instance with another store directory, a
+//! batch whose transaction failed is published from the local outbox after
+//! a restart, and records staged with a batch are produced with it.
+//!
+//! The same move with local-only stores applies resent keys twice, which
+//! shows that the scenario can fail. The first test probes what the mock
+//! cluster implements of transactions (`docs/kafka.md` records it).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use exactly::kafka::rdkafka::config::ClientConfig;
+use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use exactly::kafka::rdkafka::message::{Header, Message, OwnedHeaders};
+use exactly::kafka::rdkafka::mocking::MockCluster;
+use exactly::kafka::rdkafka::producer::{
+    BaseProducer, BaseRecord, DefaultProducerContext, Producer,
+};
+use exactly::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use exactly::kafka::rdkafka::{Offset, TopicPartitionList};
+use exactly::kafka::{
+    changelog_topic, Changelog, ConsumeError, DedupContext, GroupStore, IdempotentConsumer,
+    KeySource, PROGRESS_KEY,
+};
+use exactly::{Options, OutboxRecord, Partition, Store};
+
+const TOPIC: &str = "orders";
+const PARTITIONS: i32 = 4;
+const GROUP: &str = "billing";
+const HEADER: &str = "idempotency-key";
+const DEADLINE: Duration = Duration::from_secs(40);
+
+type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+/// A mock cluster with the input topic and its changelog topic (the mock
+/// cluster does not implement CreateTopics).
+fn cluster() -> (Cluster, String) {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    cluster
+        .create_topic(&changelog_topic(GROUP, TOPIC), PARTITIONS, 1)
+        .unwrap();
+    let servers = cluster.bootstrap_servers();
+    (cluster, servers)
+}
+
+/// Produces one message per key (key `order-{i}` on partition `i % 4`),
+/// adding to the end offsets `ends`.
+fn produce(servers: &str, keys: impl IntoIterator<Item = usize>, ends: &mut HashMap<i32, i64>) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("batch.num.messages", "3")
+        .create()
+        .unwrap();
+    for i in keys {
+        let partition = (i % PARTITIONS as usize) as i32;
+        let key = format!("order-{i}");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER,
+            value: Some(key.as_bytes()),
+        });
+        producer
+            .send(
+                BaseRecord::to(TOPIC)
+                    .partition(partition)
+                    .key(key.as_bytes())
+                    .payload("payload")
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        *ends.entry(partition).or_default() += 1;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+fn client(servers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", servers);
+    c
+}
+
+fn consumer_config(servers: &str) -> ClientConfig {
+    let mut config = client(servers);
+    config
+        .set("group.id", GROUP)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "3000")
+        .set("heartbeat.interval.ms", "200")
+        .set("max.partition.fetch.bytes", "600");
+    config
+}
+
+/// The downstream system: side effects per idempotency key.
+#[derive(Default, Clone)]
+struct Sink(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Sink {
+    fn apply(&self, key: &[u8]) {
+        *self
+            .0
+            .lock()
+            .unwrap()
+            .entry(String::from_utf8(key.to_vec()).unwrap())
+            .or_default() += 1;
+    }
+
+    fn twice(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, &n)| n > 1)
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn count(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// One consumer instance with its own store directory.
+struct Instance {
+    consumer: IdempotentConsumer,
+    store: Arc<Store>,
+}
+
+impl Instance {
+    fn start(servers: &str, dir: &Path, name: &str, changelog: bool) -> Self {
+        let store = Arc::new(Store::open(dir, Options::default()).unwrap());
+        let group = GroupStore::new(store.clone());
+        let consumer: BaseConsumer<DedupContext> = consumer_config(servers)
+            .create_with_context(DedupContext::new(&group))
+            .unwrap();
+        consumer.subscribe(&[TOPIC]).unwrap();
+        let mut consumer = IdempotentConsumer::new(consumer, KeySource::header(HEADER));
+        if changelog {
+            let c = Changelog::new(
+                &client(servers),
+                GROUP,
+                name,
+                Duration::from_secs(8 * 24 * 3600),
+                Duration::from_secs(10),
+            )
+            .unwrap();
+            consumer = consumer.changelog(c);
+        }
+        Self { consumer, store }
+    }
+
+    /// Consumes until the store's offsets reach `ends`; returns the
+    /// partitions restored on the way.
+    fn run_to(&mut self, ends: &HashMap<i32, i64>, sink: &Sink) -> Vec<(Partition, u64)> {
+        let started = Instant::now();
+        let mut restored = Vec::new();
+        loop {
+            let report = self
+                .consumer
+                .poll_batch(Duration::from_millis(100), |_, key| {
+                    sink.apply(key.expect("keyed"));
+                    Ok::<(), Infallible>(())
+                })
+                .unwrap();
+            restored.extend(report.restored);
+            if self.reached(ends) {
+                return restored;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "did not reach {ends:?}: store offsets {:?}",
+                self.offsets()
+            );
+        }
+    }
+
+    fn reached(&self, ends: &HashMap<i32, i64>) -> bool {
+        let offsets = self.offsets();
+        ends.iter()
+            .all(|(p, end)| offsets.get(p).is_some_and(|o| o >= end))
+    }
+
+    fn offsets(&self) -> HashMap<i32, i64> {
+        (0..PARTITIONS)
+            .filter_map(|p| {
+                self.store
+                    .committed_offset(&Partition::new(TOPIC, p))
+                    .ok()
+                    .flatten()
+                    .map(|o| (p, o))
+            })
+            .collect()
+    }
+
+    /// Leaves the group and closes the store.
+    fn stop(self) {
+        let Self { consumer, store } = self;
+        let consumer = consumer.into_inner();
+        consumer.unsubscribe();
+        // Serve the revocation.
+        let _ = consumer.poll(Duration::from_millis(200));
+        drop(consumer);
+        Arc::try_unwrap(store).ok().unwrap().close().unwrap();
+    }
+}
+
+/// Reads every record of `topic`'s partition `partition` (read_committed).
+fn read_all(servers: &str, topic: &str, partition: i32) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let consumer: BaseConsumer = client(servers)
+        .set("group.id", "reader")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push((
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().map(<[u8]>::to_vec),
+            )),
+            Some(Err(_)) => break,
+            None => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn the_mock_cluster_implements_transactions_but_not_their_offsets_isolation_or_fencing() {
+    let (_cluster, servers) = cluster();
+    // A member of the group, for its metadata.
+    let member: BaseConsumer = consumer_config(&servers)
+        .set("group.id", "probe")
+        .create()
+        .unwrap();
+    member.subscribe(&[TOPIC]).unwrap();
+    let started = Instant::now();
+    while member.assignment().unwrap().count() == 0 {
+        let _ = member.poll(Duration::from_millis(100));
+        assert!(started.elapsed() < DEADLINE, "never assigned");
+    }
+    let group = member.group_metadata().unwrap();
+    let producer = |id: &str| -> BaseProducer {
+        let p: BaseProducer = client(&servers)
+            .set("transactional.id", id)
+            .create()
+            .unwrap();
+        p.init_transactions(Duration::from_secs(10)).unwrap();
+        p
+    };
+    let first = producer("probe");
+    let send = |p: &BaseProducer, value: &str| {
+        p.send(
+            BaseRecord::to("probe-out")
+                .partition(0)
+                .key("k")
+                .payload(value),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    };
+
+    // InitProducerId, AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit
+    // and EndTxn all answer: a transaction commits.
+    first.begin_transaction().unwrap();
+    send(&first, "committed");
+    let mut offsets = TopicPartitionList::new();
+    offsets
+        .add_partition_offset(TOPIC, 0, Offset::Offset(5))
+        .unwrap();
+    first
+        .send_offsets_to_transaction(&offsets, &group, Duration::from_secs(10))
+        .unwrap();
+    first.commit_transaction(Duration::from_secs(10)).unwrap();
+
+    // But the offsets sent to it are not stored: the group has none.
+    let committed = member
+        .committed_offsets(offsets.clone(), Duration::from_secs(10))
+        .unwrap();
+    let stored = committed.find_partition(TOPIC, 0).unwrap().offset();
+    assert!(
+        matches!(stored, Offset::Invalid),
+        "the mock cluster now stores transactional offsets ({stored:?}): update docs/kafka.md"
+    );
+
+    // An aborted transaction's records stay visible to read_committed.
+    first.begin_transaction().unwrap();
+    send(&first, "aborted");
+    first.flush(Duration::from_secs(10)).unwrap();
+    first.abort_transaction(Duration::from_secs(10)).unwrap();
+    let values: Vec<Option<Vec<u8>>> = read_all(&servers, "probe-out", 0)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        values,
+        vec![Some(b"committed".to_vec()), Some(b"aborted".to_vec())],
+        "the mock cluster's read_committed changed: update docs/kafka.md"
+    );
+
+    // A second producer with the same transactional.id does not fence the
+    // first: the mock gives it a producer id of its own.
+    let _second = producer("probe");
+    first.begin_transaction().unwrap();
+    send(&first, "zombie");
+    assert!(
+        first.commit_transaction(Duration::from_secs(10)).is_ok(),
+        "the mock cluster now fences by transactional.id: update docs/kafka.md"
+    );
+}
+
+/// Moves every partition from instance A to instance B (another store
+/// directory), then resends keys A processed: with the changelog B knows
+/// them; with local-only stores it applies them again.
+fn move_and_resend(changelog: bool) -> (Sink, Vec<(Partition, u64)>) {
+    let (_cluster, servers) = cluster();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sink = Sink::default();
+    let mut ends = HashMap::new();
+    produce(&servers, 0..120, &mut ends);
+
+    let mut a = Instance::start(&servers, dirs.0.path(), "a", changelog);
+    a.run_to(&ends, &sink);
+    a.stop();
+
+    // Resends of keys A processed, then new keys.
+    produce(&servers, (0..40).chain(120..160), &mut ends);
+    let mut b = Instance::start(&servers, dirs.1.path(), "b", changelog);
+    let restored = b.run_to(&ends, &sink);
+    b.stop();
+    assert_eq!(sink.count(), 160);
+    (sink, restored)
+}
+
+#[test]
+fn a_partition_moves_to_another_instance_with_its_marks() {
+    let (sink, restored) = move_and_resend(true);
+    assert_eq!(sink.twice(), Vec::<String>::new(), "keys applied twice");
+    let mut partitions: Vec<i32> = restored.iter().map(|(p, _)| p.partition()).collect();
+    partitions.sort();
+    assert_eq!(
+        partitions,
+        vec![0, 1, 2, 3],
+        "every partition is restored once"
+    );
+    // 30 marks and 1..n progress records per partition.
+    assert!(
+        restored.iter().all(|(_, records)| *records > 30),
+        "{restored:?}"
+    );
+}
+
+#[test]
+fn local_only_stores_apply_resent_keys_twice_after_a_move() {
+    let (sink, restored) = move_and_resend(false);
+    assert!(restored.is_empty());
+    assert_eq!(
+        sink.twice().len(),
+        40,
+        "the control must apply every resent key twice"
+    );
+}
+
+#[test]
+fn a_batch_whose_transaction_failed_is_published_from_the_outbox_after_a_restart() {
+    let (cluster, servers) = cluster();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sink = Sink::default();
+    let mut ends = HashMap::new();
+    produce(&servers, 0..20, &mut ends);
+
+    // The first batches are published; then a transaction fails at its
+    // end: its batches are committed to the local store (marks, offset,
+    // outbox), never to Kafka, and the instance stops processing.
+    let mut a = Instance::start(&servers, dirs.0.path(), "a", true);
+    a.run_to(&ends, &sink);
+    cluster.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 8],
+    );
+    produce(&servers, 20..40, &mut ends);
+    let started = Instant::now();
+    let failure = loop {
+        match a.consumer.poll_batch(Duration::from_millis(100), |_, key| {
+            sink.apply(key.expect("keyed"));
+            Ok::<(), Infallible>(())
+        }) {
+            Ok(_) => {}
+            Err(ConsumeError::Kafka(e)) => break e,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(started.elapsed() < DEADLINE, "no transaction failed");
+    };
+    let in_outbox = sink.count() - 20;
+    assert!(in_outbox > 0, "{in_outbox} processed; {failure}");
+    let pending: usize = (0..PARTITIONS)
+        .map(|p| read_all(&servers, &changelog_topic(GROUP, TOPIC), p).len())
+        .sum();
+    // A crash: the instance goes away without publishing.
+    drop(a);
+    cluster.clear_request_errors(RDKafkaApiKey::EndTxn);
+
+    // The restarted instance publishes what its outbox holds before it
+    // processes anything, and processes nothing twice.
+    let mut a = Instance::start(&servers, dirs.0.path(), "a", true);
+    a.run_to(&ends, &sink);
+    let published: usize = (0..PARTITIONS)
+        .map(|p| read_all(&servers, &changelog_topic(GROUP, TOPIC), p).len())
+        .sum();
+    assert!(
+        published > pending,
+        "outbox not published: {pending} → {published} records"
+    );
+    a.stop();
+
+    // Another instance restores all of it: resends are caught.
+    produce(&servers, 0..40, &mut ends);
+    let mut b = Instance::start(&servers, dirs.1.path(), "b", true);
+    b.run_to(&ends, &sink);
+    b.stop();
+    assert_eq!(sink.count(), 40);
+    assert_eq!(sink.twice(), Vec::<String>::new(), "keys applied twice");
+}
+
+#[test]
+fn records_staged_with_a_batch_are_produced_with_its_marks_and_the_changelog_holds_no_payload() {
+    let (_cluster, servers) = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let mut ends = HashMap::new();
+    produce(&servers, 0..20, &mut ends);
+    let mut a = Instance::start(&servers, dir.path(), "a", true);
+    let started = Instant::now();
+    while !a.reached(&ends) {
+        a.consumer
+            .poll_batch_outbox(Duration::from_millis(100), |m, key, batch| {
+                let key = key.expect("keyed");
+                batch
+                    .send(OutboxRecord::new("invoices", key, "invoice").header("from", TOPIC))
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())?;
+                let _ = m;
+                Ok::<(), String>(())
+            })
+            .unwrap();
+        assert!(started.elapsed() < DEADLINE);
+    }
+    let invoices: usize = (0..4)
+        .map(|p| read_all(&servers, "invoices", p).len())
+        .sum();
+    assert_eq!(invoices, 20, "one outgoing record per processed message");
+    for p in 0..PARTITIONS {
+        let records = read_all(&servers, &changelog_topic(GROUP, TOPIC), p);
+        let marks = records
+            .iter()
+            .filter(|(k, _)| k.first() == Some(&1))
+            .count();
+        assert_eq!(marks, 5, "partition {p}: {records:?}");
+        for (k, v) in &records {
+            if k.as_slice() == PROGRESS_KEY {
+                assert_eq!(v.as_ref().map(Vec::len), Some(8));
+            } else {
+                // The stored key and entry only: a mark's value is 9 bytes.
+                assert_eq!(v.as_ref().map(Vec::len), Some(9), "{k:?}");
+                assert!(!v.as_ref().unwrap().windows(7).any(|w| w == b"payload"));
+            }
+        }
+    }
+    a.stop();
+}
+
+#[test]
+fn staging_a_record_outside_the_changelog_loop_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), Options::default()).unwrap();
+    let p = Partition::new(TOPIC, 0);
+    store.assign(&p).unwrap();
+    let mut batch = store.batch(&p).unwrap();
+    assert!(matches!(
+        batch.send(OutboxRecord::new("t", "k", "v")),
+        Err(exactly::Error::NoOutbox(_))
+    ));
+}
