@@ -7,18 +7,20 @@ use std::time::Duration;
 
 use rocksdb::WriteBatch;
 
-use crate::claim::{next_token, Claim, ClaimToken};
 use crate::config::{Durability, TimeDomain, TtlRefresh, MAX_TTL};
 use crate::engine::{refuse_older_epoch, Cf, Engine, ValidKey};
 use crate::error::{Error, Result};
 use crate::layout::{
-    decode_entry, encode_offset, Entry, CHANGELOG_KEY, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG,
-    OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+    encode_offset, Entry, CHANGELOG_KEY, EPOCH_KEY, EVENT_TIME_KEY, OFFSET_KEY, SNAPSHOT_KEY,
+    WATERMARK_KEY,
 };
 use crate::outbox::{outbox_key, Change, OutboxEntry, OutboxRecord};
 use crate::shard::{Counters, Shard, WriterGuard};
 use crate::ttl::expiry;
 use crate::verdict::Verdict;
+
+mod changelog;
+mod claims;
 
 /// The time of one operation: the store's clock, and the partition's time
 /// for marks (the same, or the event-time watermark).
@@ -202,35 +204,6 @@ impl<'s> Batch<'s> {
         Ok(current.is_some())
     }
 
-    /// Turns an acquired claim into a processed mark (its TTL starts now).
-    ///
-    /// A claim whose lease ran out can still be confirmed while nobody else
-    /// claimed the key, for up to the claim grace after the lease: the TTL
-    /// the store was created with (fixed, whatever `ttl` later opens use).
-    ///
-    /// Errors: [`Error::Fenced`] if the partition has a newer epoch than the
-    /// claim's; [`Error::ClaimLost`] if the claim was released, or its lease
-    /// ran out and another processor claimed the key (or a TTL passed).
-    pub fn confirm(&mut self, token: &ClaimToken) -> Result<()> {
-        self.own_claim(token)?;
-        let expires_at = expiry(self.partition_now(), self.engine.ttl_millis());
-        self.stage(
-            token.stored_key.clone(),
-            Some(Entry::Done { expires_at }),
-            true,
-        );
-        self.marks += 1;
-        Ok(())
-    }
-
-    /// Removes an acquired claim so the key can be processed again (the side
-    /// effect failed). Errors as for [`confirm`](Self::confirm).
-    pub fn release(&mut self, token: &ClaimToken) -> Result<()> {
-        self.own_claim(token)?;
-        self.stage(token.stored_key.clone(), None, true);
-        Ok(())
-    }
-
     /// Sets the consumer offset to commit with the marks: the offset of the
     /// next message to consume (Kafka's convention: last processed + 1).
     /// Checked at [`commit`](Self::commit): it must not be negative nor behind
@@ -257,23 +230,6 @@ impl<'s> Batch<'s> {
     /// Whether the batch marks no key.
     pub fn is_empty(&self) -> bool {
         self.marks == 0
-    }
-
-    /// Stages an outgoing Kafka record, written in this batch's atomic write
-    /// and produced in the same Kafka transaction as its changelog records
-    /// and offsets: the marks, the offset and the records all happen, or
-    /// none does (the outbox pattern).
-    ///
-    /// Errors: [`Error::NoOutbox`] unless the batch belongs to the Kafka
-    /// changelog loop (its handler's batch); nothing is staged.
-    pub fn send(&mut self, record: OutboxRecord) -> Result<()> {
-        match &mut self.outbox {
-            Some((_, records)) => {
-                records.push(record);
-                Ok(())
-            }
-            None => Err(Error::NoOutbox(self.shard.partition.clone())),
-        }
     }
 
     /// Writes all marks, claims' outcomes and the offset in one atomic
@@ -477,140 +433,6 @@ impl<'s> Batch<'s> {
 
     // ---- crate-internal ----
 
-    /// Makes the batch record its changes in the partition's outbox, for
-    /// the changelog; `start` is the input offset of its first message.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn record_changes(&mut self, start: i64) {
-        self.outbox.get_or_insert_with(|| (start, Vec::new()));
-    }
-
-    /// Applies one changelog record (a restore): `key` a stored key, `value`
-    /// a stored entry or `None` (removed). Records are applied in changelog
-    /// order and the later one wins, except that a mark never trades its
-    /// expiry for an earlier one: the changelog of another instance may miss
-    /// a mark this store made (a batch whose publication was given up), and
-    /// a mark is only ever made after its side effect.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn restore(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
-        let bad = |reason: &str| Error::BadChangelogRecord {
-            partition: self.shard.partition.clone(),
-            reason: reason.to_string(),
-        };
-        if key.first() != Some(&MARK_TAG) {
-            return Err(bad("the key is not a stored mark key"));
-        }
-        let expected = match self.engine.options().key_mode {
-            crate::KeyMode::Hashed => key.len() == 17,
-            crate::KeyMode::Raw => {
-                key.len() >= 2 && key.len() <= self.engine.options().max_key_len + 1
-            }
-        };
-        if !expected {
-            return Err(bad(
-                "the key does not fit this store's key mode and max_key_len",
-            ));
-        }
-        let entry = match value {
-            None => None,
-            Some(v) => Some(decode_entry(v).map_err(|_| bad("the value is not a stored entry"))?),
-        };
-        let current = match self.staged.get(key) {
-            Some(staged) => staged.entry,
-            None => self.engine.read_entry(&self.cf, key)?,
-        };
-        let entry = match (current, entry) {
-            (Some(Entry::Done { expires_at: c }), Some(Entry::Done { expires_at: e })) => {
-                Some(Entry::Done {
-                    expires_at: c.max(e),
-                })
-            }
-            (_, e) => e,
-        };
-        if entry == current {
-            return Ok(());
-        }
-        let claims = matches!(entry, Some(Entry::Claimed { .. }))
-            || matches!(current, Some(Entry::Claimed { .. }));
-        self.stage(key.to_vec(), entry, claims);
-        Ok(())
-    }
-
-    /// Outgoing records staged so far.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn outbox_len(&self) -> usize {
-        self.outbox.as_ref().map_or(0, |(_, r)| r.len())
-    }
-
-    /// Drops the outgoing records staged after the first `n`.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn truncate_outbox(&mut self, n: usize) {
-        if let Some((_, records)) = &mut self.outbox {
-            records.truncate(n);
-        }
-    }
-
-    /// Moves the partition's changelog position to `next` at commit (never
-    /// back).
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn set_changelog_next(&mut self, next: i64) {
-        self.changelog_next = Some(self.changelog_next.map_or(next, |n| n.max(next)));
-    }
-
-    /// Removes the outbox entries up to `seq` (they are published) and moves
-    /// the changelog position to `changelog_next` if given, in one write.
-    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn complete_outbox(self, seq: u64, changelog_next: Option<i64>) -> Result<()> {
-        let mut write = WriteBatch::default();
-        write.delete_range_cf(&self.cf, outbox_key(0), outbox_key(seq.saturating_add(1)));
-        let next = changelog_next.filter(|&n| self.shard.changelog_next().is_none_or(|c| n > c));
-        if let Some(n) = next {
-            write.put_cf(&self.cf, CHANGELOG_KEY, encode_offset(n));
-        }
-        self.engine.write(write)?;
-        if let Some(n) = next {
-            self.shard.advance_changelog(n);
-        }
-        Ok(())
-    }
-
-    /// Claims a validated key for `lease`; see
-    /// [`Store::claim`](crate::Store::claim).
-    pub(crate) fn claim(&mut self, key: ValidKey<'_>, lease: Duration) -> Result<Claim> {
-        let k = self.engine.stored_key(key);
-        Counters::bump(&self.shard.counters.checks);
-        let now = self.times();
-        match self.current(&k, now)?.0 {
-            Some(Entry::Done { .. }) => {
-                Counters::bump(&self.shard.counters.duplicates);
-                Ok(Claim::Done)
-            }
-            Some(Entry::Claimed {
-                lease_until, epoch, ..
-            }) => Ok(Claim::InFlight {
-                holder_epoch: epoch,
-                expires_at: lease_until,
-            }),
-            None => {
-                let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-                let epoch = self.fence.unwrap_or_else(|| self.shard.epoch());
-                let token = ClaimToken {
-                    partition: self.shard.partition.clone(),
-                    stored_key: k.clone(),
-                    epoch,
-                    token: next_token(),
-                    lease_until: expiry(now.clock, lease_ms),
-                };
-                let entry = Entry::Claimed {
-                    lease_until: token.lease_until,
-                    epoch,
-                    token: token.token,
-                };
-                self.stage(k, Some(entry), true);
-                Ok(Claim::Acquired(token))
-            }
-        }
-    }
-
     /// Stages a new epoch for the partition; see
     /// [`Store::assign_with_epoch`](crate::Store::assign_with_epoch).
     pub(crate) fn set_epoch(&mut self, epoch: u64) {
@@ -668,41 +490,6 @@ impl<'s> Batch<'s> {
             .engine
             .lookup(&self.shard, Some(&self.cf), k, now.partition, now.clock)?;
         Ok((entry, matches!(entry, Some(Entry::Claimed { .. }))))
-    }
-
-    /// Checks that `token` still holds its claim.
-    fn own_claim(&self, token: &ClaimToken) -> Result<()> {
-        let shard = &self.shard;
-        let lost = || Error::ClaimLost {
-            partition: shard.partition.clone(),
-        };
-        if token.partition != shard.partition {
-            return Err(lost());
-        }
-        let current_epoch = self.fence.unwrap_or_else(|| shard.epoch());
-        if token.epoch != current_epoch {
-            return Err(Error::Fenced {
-                partition: shard.partition.clone(),
-                current: current_epoch,
-                attempted: token.epoch,
-            });
-        }
-        let entry = match self.staged.get(&token.stored_key) {
-            Some(staged) => staged.entry,
-            None => self.engine.read_entry(&self.cf, &token.stored_key)?,
-        };
-        let grace_ms = self.engine.claim_grace_millis();
-        match entry {
-            // Still ours, even if the lease ran out, while nobody took it over
-            // and for the claim grace after the lease (then compaction may
-            // drop it).
-            Some(e @ Entry::Claimed { token: t, .. })
-                if t == token.token && e.is_retained(0, self.engine.now(), grace_ms) =>
-            {
-                Ok(())
-            }
-            _ => Err(lost()),
-        }
     }
 
     fn stage(&mut self, k: Vec<u8>, entry: Option<Entry>, claims: bool) {

@@ -1,0 +1,267 @@
+//! A batch's part in the changelog: the outgoing records it stages, the
+//! outbox entry it records, the changelog records a restore applies
+//! through it, and completing the outbox once published.
+
+use rocksdb::WriteBatch;
+
+use super::Batch;
+use crate::error::{Error, Result};
+use crate::layout::{decode_entry, encode_offset, Entry, CHANGELOG_KEY, MARK_TAG};
+use crate::outbox::{outbox_key, OutboxRecord};
+
+impl Batch<'_> {
+    /// Stages an outgoing Kafka record, written in this batch's atomic write
+    /// and produced in the same Kafka transaction as its changelog records
+    /// and offsets: the marks, the offset and the records all happen, or
+    /// none does (the outbox pattern).
+    ///
+    /// Errors: [`Error::NoOutbox`] unless the batch belongs to the Kafka
+    /// changelog loop (its handler's batch); nothing is staged.
+    pub fn send(&mut self, record: OutboxRecord) -> Result<()> {
+        match &mut self.outbox {
+            Some((_, records)) => {
+                records.push(record);
+                Ok(())
+            }
+            None => Err(Error::NoOutbox(self.shard.partition.clone())),
+        }
+    }
+
+    /// Makes the batch record its changes in the partition's outbox, for
+    /// the changelog; `start` is the input offset of its first message.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn record_changes(&mut self, start: i64) {
+        self.outbox.get_or_insert_with(|| (start, Vec::new()));
+    }
+    /// Applies one changelog record (a restore): `key` a stored key, `value`
+    /// a stored entry or `None` (removed). Records are applied in changelog
+    /// order and the later one wins, except that a mark never trades its
+    /// expiry for an earlier one: the changelog of another instance may miss
+    /// a mark this store made (a batch whose publication was given up), and
+    /// a mark is only ever made after its side effect.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn restore(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        let bad = |reason: &str| Error::BadChangelogRecord {
+            partition: self.shard.partition.clone(),
+            reason: reason.to_string(),
+        };
+        if key.first() != Some(&MARK_TAG) {
+            return Err(bad("the key is not a stored mark key"));
+        }
+        let expected = match self.engine.options().key_mode {
+            crate::KeyMode::Hashed => key.len() == 17,
+            crate::KeyMode::Raw => {
+                key.len() >= 2 && key.len() <= self.engine.options().max_key_len + 1
+            }
+        };
+        if !expected {
+            return Err(bad(
+                "the key does not fit this store's key mode and max_key_len",
+            ));
+        }
+        let entry = match value {
+            None => None,
+            Some(v) => Some(decode_entry(v).map_err(|_| bad("the value is not a stored entry"))?),
+        };
+        let current = match self.staged.get(key) {
+            Some(staged) => staged.entry,
+            None => self.engine.read_entry(&self.cf, key)?,
+        };
+        let entry = match (current, entry) {
+            (Some(Entry::Done { expires_at: c }), Some(Entry::Done { expires_at: e })) => {
+                Some(Entry::Done {
+                    expires_at: c.max(e),
+                })
+            }
+            (_, e) => e,
+        };
+        if entry == current {
+            return Ok(());
+        }
+        let claims = matches!(entry, Some(Entry::Claimed { .. }))
+            || matches!(current, Some(Entry::Claimed { .. }));
+        self.stage(key.to_vec(), entry, claims);
+        Ok(())
+    }
+    /// Outgoing records staged so far.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn outbox_len(&self) -> usize {
+        self.outbox.as_ref().map_or(0, |(_, r)| r.len())
+    }
+    /// Drops the outgoing records staged after the first `n`.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn truncate_outbox(&mut self, n: usize) {
+        if let Some((_, records)) = &mut self.outbox {
+            records.truncate(n);
+        }
+    }
+    /// Moves the partition's changelog position to `next` at commit (never
+    /// back).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn set_changelog_next(&mut self, next: i64) {
+        self.changelog_next = Some(self.changelog_next.map_or(next, |n| n.max(next)));
+    }
+    /// Removes the outbox entries up to `seq` (they are published) and moves
+    /// the changelog position to `changelog_next` if given, in one write.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn complete_outbox(self, seq: u64, changelog_next: Option<i64>) -> Result<()> {
+        let mut write = WriteBatch::default();
+        write.delete_range_cf(&self.cf, outbox_key(0), outbox_key(seq.saturating_add(1)));
+        let next = changelog_next.filter(|&n| self.shard.changelog_next().is_none_or(|c| n > c));
+        if let Some(n) = next {
+            write.put_cf(&self.cf, CHANGELOG_KEY, encode_offset(n));
+        }
+        self.engine.write(write)?;
+        if let Some(n) = next {
+            self.shard.advance_changelog(n);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::layout::{Entry, MARK_TAG};
+    use crate::{Error, Options, Partition, Store, Verdict};
+
+    fn store() -> (tempfile::TempDir, Store, Partition) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let p = Partition::new("orders", 0);
+        store.assign(&p).unwrap();
+        (dir, store, p)
+    }
+
+    fn key(k: &[u8]) -> Vec<u8> {
+        let mut v = vec![MARK_TAG];
+        v.extend_from_slice(k);
+        v
+    }
+
+    fn far() -> u64 {
+        u64::MAX / 2
+    }
+
+    #[test]
+    fn restored_marks_are_duplicates_and_never_trade_their_expiry_for_an_earlier_one() {
+        let (_dir, store, p) = store();
+        let later = Entry::Done { expires_at: far() }.encode();
+        let earlier = Entry::Done { expires_at: 1 }.encode();
+        let mut batch = store.batch(&p).unwrap();
+        batch.restore(&key(b"a"), Some(&later)).unwrap();
+        batch.restore(&key(b"a"), Some(&earlier)).unwrap();
+        batch.set_changelog_next(7);
+        batch.commit().unwrap();
+        assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
+        assert_eq!(store.check(&p, b"b").unwrap(), Verdict::New);
+        assert_eq!(store.changelog_offset(&p).unwrap(), Some(7));
+        // The position never goes back, and survives a reassign.
+        let mut batch = store.batch(&p).unwrap();
+        batch.set_changelog_next(3);
+        batch.commit().unwrap();
+        store.revoke(&p).unwrap();
+        store.assign(&p).unwrap();
+        assert_eq!(store.changelog_offset(&p).unwrap(), Some(7));
+        assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
+    }
+
+    #[test]
+    fn a_restored_removal_makes_the_key_new_again() {
+        let (_dir, store, p) = store();
+        store.mark(&p, b"a").unwrap();
+        let mut batch = store.batch(&p).unwrap();
+        batch.restore(&key(b"a"), None).unwrap();
+        batch.commit().unwrap();
+        assert_eq!(store.check(&p, b"a").unwrap(), Verdict::New);
+    }
+
+    #[test]
+    fn a_restored_claim_is_in_flight() {
+        let (_dir, store, p) = store();
+        let claim = Entry::Claimed {
+            lease_until: far(),
+            epoch: 3,
+            token: 9,
+        }
+        .encode();
+        let mut batch = store.batch(&p).unwrap();
+        batch.restore(&key(b"c"), Some(&claim)).unwrap();
+        batch.commit().unwrap();
+        assert!(matches!(
+            store
+                .claim(&p, b"c", std::time::Duration::from_secs(1))
+                .unwrap(),
+            crate::Claim::InFlight {
+                holder_epoch: 3,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_malformed_record_is_refused_and_nothing_of_its_batch_is_applied() {
+        let (_dir, store, p) = store();
+        let good = Entry::Done { expires_at: far() }.encode();
+        let mut batch = store.batch(&p).unwrap();
+        batch.restore(&key(b"ok"), Some(&good)).unwrap();
+        for (k, v) in [
+            (b"\x00offset".to_vec(), Some(good.clone())),
+            (vec![MARK_TAG], Some(good.clone())),
+            (key(b"x"), Some(vec![7, 7])),
+        ] {
+            assert!(matches!(
+                batch.restore(&k, v.as_deref()),
+                Err(Error::BadChangelogRecord { .. })
+            ));
+        }
+        drop(batch);
+        assert_eq!(store.check(&p, b"ok").unwrap(), Verdict::New);
+    }
+
+    #[test]
+    fn an_outbox_entry_is_written_with_the_marks_and_removed_when_completed() {
+        let (_dir, store, p) = store();
+        let mut batch = store.batch(&p).unwrap();
+        batch.record_changes(10);
+        assert_eq!(batch.check_and_mark(b"a").unwrap(), Verdict::New);
+        batch
+            .send(crate::OutboxRecord::new("events", "a", "v"))
+            .unwrap();
+        batch.set_offset(11);
+        let (seq, entry) = batch.commit_published().unwrap().unwrap();
+        assert_eq!((entry.start, entry.next), (10, 11));
+        assert_eq!(entry.changes.len(), 1);
+        assert_eq!(entry.records.len(), 1);
+        // It survives a reopen, in order.
+        store.revoke(&p).unwrap();
+        store.assign(&p).unwrap();
+        let pending = store.outbox(&p).unwrap();
+        assert_eq!(pending, vec![(seq, entry)]);
+        let mut batch = store.batch(&p).unwrap();
+        batch.record_changes(11);
+        batch.set_offset(12);
+        let (next, _) = batch.commit_published().unwrap().unwrap();
+        assert!(next > seq, "sequence numbers go up after a reassign");
+        store
+            .batch(&p)
+            .unwrap()
+            .complete_outbox(next, Some(40))
+            .unwrap();
+        assert!(store.outbox(&p).unwrap().is_empty());
+        assert_eq!(store.changelog_offset(&p).unwrap(), Some(40));
+    }
+
+    #[test]
+    fn a_handler_failure_drops_the_records_it_staged() {
+        let (_dir, store, p) = store();
+        let mut batch = store.batch(&p).unwrap();
+        batch.record_changes(0);
+        batch.send(crate::OutboxRecord::new("t", "1", "v")).unwrap();
+        let n = batch.outbox_len();
+        batch.send(crate::OutboxRecord::new("t", "2", "v")).unwrap();
+        batch.truncate_outbox(n);
+        batch.set_offset(1);
+        let (_, entry) = batch.commit_published().unwrap().unwrap();
+        assert_eq!(entry.records.len(), 1);
+    }
+}
