@@ -39,7 +39,7 @@ use crate::snapshot::{self, Taken};
 use crate::ttl::{partition_time, CfShared};
 use crate::Partition;
 
-type Db = DBWithThreadMode<MultiThreaded>;
+pub(crate) type Db = DBWithThreadMode<MultiThreaded>;
 
 /// A column family handle, borrowed from the engine.
 pub(crate) type Cf<'e> = Arc<BoundColumnFamily<'e>>;
@@ -155,6 +155,18 @@ impl Engine {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The names of the partitions' column families.
+    pub(crate) fn cf_names(&self) -> Vec<String> {
+        self.cf_shared.lock().keys().cloned().collect()
+    }
+
+    /// The RocksDB handle, for the inspection and transfer tools
+    /// (`crate::inspect`), which read and write partitions that are not
+    /// assigned.
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
     }
 
     pub(crate) fn options(&self) -> &Options {
@@ -563,7 +575,7 @@ impl Engine {
 
     /// Records the store's time in the ledger, leaving its sequence floor
     /// (raised only after a log fsync) as it is.
-    fn record_time(&self) -> Result<()> {
+    pub(crate) fn record_time(&self) -> Result<()> {
         let sequence = self.ledger.lock().sequence;
         self.record(sequence)
     }
