@@ -21,5 +21,5 @@ mod common;
 mod compare;
 
 fn main() {
-    compare::main();
+    compare::run(std::env::args().skip(1).collect());
 }

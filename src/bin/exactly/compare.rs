@@ -239,11 +239,12 @@ impl Drop for Redis {
     }
 }
 
-pub fn main() {
+/// Runs the harness with the command line `args` (without the program name).
+pub fn run(args: Vec<String>) {
     let mut messages = 1_000_000usize;
     let mut json = None;
     let mut only: Option<Vec<String>> = None;
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--messages" => {
