@@ -163,7 +163,7 @@ impl Engine {
     }
 
     /// The RocksDB handle, for the inspection and transfer tools
-    /// (`crate::inspect`), which read and write partitions that are not
+    /// (`src/inspect.rs`), which read and write partitions that are not
     /// assigned.
     pub(crate) fn db(&self) -> &Db {
         &self.db

@@ -414,7 +414,7 @@ impl Store {
     }
 
     /// The engine, with membership held and `partition` not assigned: for
-    /// the inspection and transfer tools (`crate::inspect`), which read and
+    /// the inspection and transfer tools (`src/inspect.rs`), which read and
     /// write a partition's column family directly. No shard of it can be
     /// assigned while the guard lives (every assign takes membership), so
     /// no filter goes stale under them.
