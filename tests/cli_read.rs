@@ -36,6 +36,7 @@ fn build(dir: &std::path::Path) -> Vec<(String, Verdict)> {
         .mark_with_ttl(&p, b"short", Duration::from_secs(1))
         .unwrap();
     store.mark(&orders(1), b"other").unwrap();
+    store.mark(&orders(1), &[0x00, 0xff, 0x0a]).unwrap();
     clock.advance(Duration::from_secs(2));
     assert!(matches!(
         store
@@ -104,6 +105,22 @@ fn check_answers_as_the_store_does() {
     let o = run(&["check", d, "orders", "0", "never"]);
     assert!(stdout(&o).contains("New"), "{}", stdout(&o));
 
+    // A key that is not text: shown as hex by inspect, checked as hex.
+    let v = json(&["inspect", d, "orders", "1"]);
+    let binary = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap().to_string())
+        .find(|k| k.starts_with("hex:"))
+        .unwrap();
+    assert_eq!(binary, "hex:00ff0a");
+    let v = json(&["check", d, "orders", "1", &binary]);
+    assert_eq!(v["keys"][0]["verdict"], "duplicate");
+    let v = json(&["check", d, "orders", "1", "hex:00ff0b"]);
+    assert_eq!(v["keys"][0]["verdict"], "new");
+    assert!(!run(&["check", d, "orders", "1", "hex:0"]).status.success());
+
     // A key the store would refuse is refused the same way.
     let o = run(&["check", d, "orders", "0", ""]);
     assert!(!o.status.success());
@@ -127,7 +144,7 @@ fn stats_and_inspect_match_the_store() {
     // The expired short-lived mark is not counted; the claim is.
     assert_eq!(parts[0]["live_marks"].as_u64(), Some(KEYS as u64));
     assert_eq!(parts[0]["claims"], 1);
-    assert_eq!(parts[1]["live_marks"], 1);
+    assert_eq!(parts[1]["live_marks"], 2);
     assert!(parts[1]["committed_offset"].is_null());
     // Closed cleanly: each partition has a filter snapshot, so a size per key.
     assert!(parts[0]["filter_bits_per_key"].as_f64().unwrap() > 0.0);

@@ -64,7 +64,7 @@ enum Command {
         topic: String,
         /// The partition number.
         partition: i32,
-        /// The key (omit with --stdin).
+        /// The key (omit with --stdin); `hex:` and hex digits for a key that is not text, as `inspect` shows it.
         key: Option<String>,
         /// The key is given as the 32 hex digits of its stored hash (hashed stores; as `inspect` shows it).
         #[arg(long)]

@@ -23,17 +23,31 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Parses 32 hex digits (a stored hash).
-pub(crate) fn parse_hash(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 32 || !s.is_ascii() {
+/// Parses hex digits into bytes.
+pub(crate) fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
-    (0..16)
+    (0..s.len() / 2)
         .map(|i| {
             s.get(2 * i..2 * i + 2)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
         })
         .collect()
+}
+
+/// Parses 32 hex digits (a stored hash).
+pub(crate) fn parse_hash(s: &str) -> Option<Vec<u8>> {
+    parse_hex(s).filter(|h| h.len() == 16)
+}
+
+/// A key from the command line: `hex:` and hex digits for a key that is
+/// not text (as [`key`] shows one), else the text itself.
+pub(crate) fn parse_key(s: &str) -> Option<Vec<u8>> {
+    match s.strip_prefix("hex:") {
+        Some(h) => parse_hex(h),
+        None => Some(s.as_bytes().to_vec()),
+    }
 }
 
 /// A time in ms since the Unix epoch, in RFC 3339 (UTC).

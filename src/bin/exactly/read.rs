@@ -197,7 +197,9 @@ pub(crate) fn check(
             out::parse_hash(k)
                 .ok_or_else(|| Failure::Found(format!("--hashed: {k:?} is not 32 hex digits")))?
         } else {
-            inspect::stored_key(&store, k.as_bytes())?
+            let raw = out::parse_key(k)
+                .ok_or_else(|| Failure::Found(format!("{k:?}: bad hex after hex:")))?;
+            inspect::stored_key(&store, &raw)?
         };
         let state = match meta {
             Some(_) => inspect::read_stored(&store, partition, &stored)?,
