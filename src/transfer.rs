@@ -25,9 +25,10 @@
 //! before it writes anything, so a damaged file changes nothing. Then it
 //! merges: of a key present on both sides the later expiry stays (a live
 //! processed mark always beats a claim), and the offset, epoch, event time
-//! and watermark only ever rise. The first write invalidates the
-//! partition's filter snapshot (a snapshot without the imported marks would
-//! answer `New` for them); the offset is written with the last entries, so
+//! and watermark only ever rise. The first write of an entry deletes the
+//! partition's filter snapshot id in the same atomic batch (a snapshot
+//! without the imported marks would answer `New` for them; an import that
+//! writes no entry leaves a valid snapshot valid); the offset is written with the last entries, so
 //! an import that stops half way leaves the partition resuming from its old
 //! offset, and running it again completes it.
 
@@ -264,11 +265,6 @@ pub fn import(
         .cf_handle(&name)
         .ok_or_else(|| Error::NotAssigned(target.clone()))?;
 
-    // Before any mark lands: a snapshot without them would answer `New`.
-    let mut first = WriteBatch::default();
-    first.delete_cf(&cf, SNAPSHOT_KEY);
-    engine.write(first)?;
-
     let (mut written, mut kept, mut expired) = (0u64, 0u64, 0u64);
     let mut batch = WriteBatch::default();
     let mut staged: HashMap<Vec<u8>, Entry> = HashMap::new();
@@ -294,6 +290,11 @@ pub fn import(
         if Some(merged) == existing {
             kept += 1;
         } else {
+            if written == 0 {
+                // With the first entry, in the same atomic write: a
+                // snapshot without the imported entries would answer `New`.
+                batch.delete_cf(&cf, SNAPSHOT_KEY);
+            }
             batch.put_cf(&cf, &k, merged.encode());
             staged.insert(k, merged);
             written += 1;

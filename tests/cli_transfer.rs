@@ -216,6 +216,17 @@ fn import_invalidates_the_filter_snapshot() {
         );
     }
     assert_eq!(store.check(&p, b"local").unwrap(), Verdict::Duplicate);
+    store.close().unwrap();
+
+    // Importing the same file again changes no entry: the snapshot that
+    // close just wrote stays valid.
+    let v = json(&["import", path_str(&b), path_str(&file)]);
+    assert_eq!(v["written"], 0);
+    assert_eq!(v["kept"], 100);
+    let (store, _) = open_at(&b, FUTURE);
+    store.assign(&p).unwrap();
+    assert!(store.stats().partitions[&p].filter_from_snapshot);
+    assert_eq!(store.check(&p, b"imported-7").unwrap(), Verdict::Duplicate);
 }
 
 #[test]
