@@ -133,6 +133,17 @@ impl ExpiringFilter {
         ttl_ms: u64,
     ) -> Option<(Self, usize)> {
         let fresh = Self::new(expected_live_keys, fp_rate, ttl_ms);
+        let (filter, used) = Self::decode_any(bytes)?;
+        let same = filter.window_ms == fresh.window_ms
+            && filter.keys_per_filter == fresh.keys_per_filter
+            && filter.fp_per_filter.to_bits() == fresh.fp_per_filter.to_bits();
+        same.then_some((filter, used))
+    }
+
+    /// Reads a filter written by [`encode`](Self::encode) with whatever
+    /// sizing it was written with (for the health check, which does not
+    /// know the consumer's options); `None` if the bytes are malformed.
+    pub(crate) fn decode_any(bytes: &[u8]) -> Option<(Self, usize)> {
         let mut words = bytes.chunks_exact(8).map(|c| {
             let mut b = [0u8; 8];
             b.copy_from_slice(c);
@@ -140,10 +151,11 @@ impl ExpiringFilter {
         });
         let mut next = || words.next();
         let seed = next()?;
-        if next()? != fresh.window_ms
-            || next()? != fresh.keys_per_filter as u64
-            || next()? != fresh.fp_per_filter.to_bits()
-        {
+        let window_ms = next()?;
+        let keys_per_filter = usize::try_from(next()?).ok()?;
+        let fp_per_filter = f64::from_bits(next()?);
+        // A zero window would divide by zero in every lookup.
+        if window_ms == 0 || keys_per_filter == 0 || !(fp_per_filter > 0.0 && fp_per_filter < 1.0) {
             return None;
         }
         let mut generations = BTreeMap::new();
@@ -171,8 +183,10 @@ impl ExpiringFilter {
         }
         let filter = Self {
             seed,
+            window_ms,
+            keys_per_filter,
+            fp_per_filter,
             generations,
-            ..fresh
         };
         Some((filter, used * 8))
     }
@@ -277,6 +291,22 @@ mod tests {
         assert!(ExpiringFilter::decode(&bytes, 2_000, 0.01, 10_000).is_none());
         assert!(ExpiringFilter::decode(&bytes, 1_000, 0.01, 20_000).is_none());
         assert!(ExpiringFilter::decode(&bytes[..bytes.len() / 2], 1_000, 0.01, 10_000).is_none());
+    }
+
+    #[test]
+    fn decode_any_reads_any_sizing_and_refuses_a_zero_window() {
+        let mut f = ExpiringFilter::new(500, 0.02, 8_000);
+        f.insert(b"k", 9_000);
+        let mut bytes = Vec::new();
+        f.encode(&mut bytes);
+        let (g, used) = ExpiringFilter::decode_any(&bytes).unwrap();
+        assert_eq!(used, bytes.len());
+        assert!(g.may_contain(b"k", 0));
+        // The sizing-checked decode refuses what decode_any accepts.
+        assert!(ExpiringFilter::decode(&bytes, 1_000, 0.01, 10_000).is_none());
+        let mut zero = bytes.clone();
+        zero[8..16].copy_from_slice(&0u64.to_le_bytes());
+        assert!(ExpiringFilter::decode_any(&zero).is_none());
     }
 
     #[test]

@@ -148,6 +148,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// The partition is assigned to this store, and the operation (an
+    /// import, an inspection tool's write) needs it unassigned. Revoke it
+    /// first; nothing was changed.
+    #[error("partition {0} is assigned; revoke it first")]
+    Assigned(Partition),
+
+    /// A file given to import is not a valid export: damaged, cut short, of
+    /// a newer export format, or not an export at all. Nothing was imported.
+    #[error("{} is not a valid export: {reason}", path.display())]
+    BadExport {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// RocksDB reported an error. The operation may not have been applied; a
     /// batch is never half-applied.
     #[error("storage error: {0}")]

@@ -62,6 +62,7 @@ mod config;
 mod durable;
 mod engine;
 mod error;
+mod inspect;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 mod layout;
@@ -75,8 +76,10 @@ mod shard;
 mod snapshot;
 mod stats;
 mod store;
+mod transfer;
 mod ttl;
 mod verdict;
+mod verify;
 mod wal;
 
 pub use batch::Batch;
@@ -95,4 +98,20 @@ pub use verdict::Verdict;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::bloom::ExpiringFilter;
+
+    /// Looking inside a store without assigning its partitions (the
+    /// `exactly` command-line tool).
+    pub mod inspect {
+        pub use crate::inspect::*;
+    }
+
+    /// Export and import of a partition (`exactly export`, `exactly import`).
+    pub mod transfer {
+        pub use crate::transfer::*;
+    }
+
+    /// The health check (`exactly verify`).
+    pub mod verify {
+        pub use crate::verify::*;
+    }
 }

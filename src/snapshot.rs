@@ -116,22 +116,49 @@ pub(crate) fn read(
     ttl_ms: u64,
 ) -> Option<Loaded> {
     let bytes = fs::read(path(store_dir, cf_name)).ok()?;
+    let (stored_id, loaded) = parse(&bytes, |b| {
+        ExpiringFilter::decode(b, expected_live_keys, fp_rate, ttl_ms)
+    })?;
+    (stored_id == id).then_some(loaded)
+}
+
+/// The id and contents of the snapshot file of `cf_name`, with whatever
+/// sizing it was written with (for the health check, which does not know
+/// the consumer's options); `Ok(None)` if there is no file, an error
+/// message if it is damaged.
+pub(crate) fn read_any(
+    store_dir: &Path,
+    cf_name: &str,
+) -> std::result::Result<Option<(u64, Loaded)>, String> {
+    let file = path(store_dir, cf_name);
+    match fs::read(&file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", file.display())),
+        Ok(bytes) => parse(&bytes, ExpiringFilter::decode_any)
+            .map(Some)
+            .ok_or_else(|| format!("{} is damaged (checksum or layout)", file.display())),
+    }
+}
+
+/// Parses a snapshot file's bytes into its id and contents.
+fn parse(
+    bytes: &[u8],
+    decode_filter: impl FnOnce(&[u8]) -> Option<(ExpiringFilter, usize)>,
+) -> Option<(u64, Loaded)> {
     let (body, sum) = bytes.split_at_checked(bytes.len().checked_sub(8)?)?;
     if xxh3_64(body).to_le_bytes() != sum {
         return None;
     }
     let rest = body.strip_prefix(MAGIC)?;
     let (stored_id, rest) = rest.split_at_checked(8)?;
-    if stored_id != id.to_le_bytes() {
-        return None;
-    }
+    let stored_id = u64::from_le_bytes(stored_id.try_into().ok()?);
     let (clock, rest) = rest.split_at_checked(8)?;
     let (partition, rest) = rest.split_at_checked(8)?;
     let taken = Taken {
         clock: u64::from_le_bytes(clock.try_into().ok()?),
         partition: u64::from_le_bytes(partition.try_into().ok()?),
     };
-    let (filter, used) = ExpiringFilter::decode(rest, expected_live_keys, fp_rate, ttl_ms)?;
+    let (filter, used) = decode_filter(rest)?;
     let mut rest = rest.get(used..)?;
     let mut take = |n: usize| -> Option<&[u8]> {
         let (head, tail) = rest.split_at_checked(n)?;
@@ -150,11 +177,14 @@ pub(crate) fn read(
     if !rest.is_empty() {
         return None;
     }
-    Some(Loaded {
-        filter,
-        claims,
-        taken,
-    })
+    Some((
+        stored_id,
+        Loaded {
+            filter,
+            claims,
+            taken,
+        },
+    ))
 }
 
 /// Removes the snapshot file a build before hashed names wrote for
@@ -233,6 +263,26 @@ mod tests {
         remove(dir.path(), "p/t/0").unwrap();
         assert!(read(dir.path(), "p/t/0", 42, 100, 0.01, 1_000).is_none());
         remove(dir.path(), "p/t/0").unwrap();
+    }
+
+    #[test]
+    fn read_any_ignores_the_sizing_and_reports_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            read_any(dir.path(), "p/t/0").unwrap().map(|(id, _)| id),
+            None
+        );
+        let (f, claims) = sample();
+        write(dir.path(), "p/t/0", 5, TAKEN, &f, &claims).unwrap();
+        let (id, loaded) = read_any(dir.path(), "p/t/0").unwrap().unwrap();
+        assert_eq!(id, 5);
+        assert_eq!(loaded.claims, claims);
+        assert!(read(dir.path(), "p/t/0", 5, 999, 0.01, 1_000).is_none());
+        let file = path(dir.path(), "p/t/0");
+        let mut bad = fs::read(&file).unwrap();
+        bad[20] ^= 1;
+        fs::write(&file, &bad).unwrap();
+        assert!(read_any(dir.path(), "p/t/0").is_err());
     }
 
     #[test]

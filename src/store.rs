@@ -429,6 +429,30 @@ impl Store {
         self.sync()
     }
 
+    /// The engine, with membership held and `partition` not assigned: for
+    /// the inspection and transfer tools (`src/inspect.rs`), which read and
+    /// write a partition's column family directly. No shard of it can be
+    /// assigned while the guard lives (every assign takes membership), so
+    /// no filter goes stale under them.
+    ///
+    /// Errors: [`Error::Assigned`] if the partition is assigned.
+    pub(crate) fn unassigned(
+        &self,
+        partition: &Partition,
+    ) -> Result<(&Engine, MembershipGuard<'_>)> {
+        partition.validate()?;
+        let membership = self.membership.lock();
+        if self.shards.read().contains_key(partition) {
+            return Err(Error::Assigned(partition.clone()));
+        }
+        Ok((&self.engine, membership))
+    }
+
+    /// The engine, for read-only inspection of any partition.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     fn shard(&self, partition: &Partition) -> Result<Arc<Shard>> {
         self.shards
             .read()

@@ -54,7 +54,7 @@ impl Engine {
 
     /// Records the store's time in the ledger, leaving its sequence floor
     /// (raised only after a log fsync) as it is.
-    pub(super) fn record_time(&self) -> Result<()> {
+    pub(crate) fn record_time(&self) -> Result<()> {
         let sequence = self.ledger.lock().sequence;
         self.record(sequence)
     }

@@ -43,7 +43,7 @@ use crate::Partition;
 
 mod durability;
 
-type Db = DBWithThreadMode<MultiThreaded>;
+pub(crate) type Db = DBWithThreadMode<MultiThreaded>;
 
 /// A column family handle, borrowed from the engine.
 pub(crate) type Cf<'e> = Arc<BoundColumnFamily<'e>>;
@@ -159,6 +159,18 @@ impl Engine {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The names of the partitions' column families.
+    pub(crate) fn cf_names(&self) -> Vec<String> {
+        self.cf_shared.lock().keys().cloned().collect()
+    }
+
+    /// The RocksDB handle, for the inspection and transfer tools
+    /// (`src/inspect.rs`), which read and write partitions that are not
+    /// assigned.
+    pub(crate) fn db(&self) -> &Db {
+        &self.db
     }
 
     pub(crate) fn options(&self) -> &Options {

@@ -1,0 +1,497 @@
+//! Side-by-side comparison on one generated stream, in one run, on one
+//! machine: exactly (batch and single-op APIs) against naive RocksDB, RocksDB
+//! with write batches, the obvious design (a Bloom filter per partition in
+//! front of RocksDB with write batches), an in-memory `HashSet`, and Redis
+//! `SET NX EX` (when a `redis-server` binary is on the PATH).
+//!
+//! ```text
+//! cargo run --release --example compare -- --messages 10000000 [--json out.json] [--only exactly-batch,naive-rocksdb]
+//! ```
+//!
+//! The stream is Kafka-like: 8 partitions, 1% redeliveries drawn from the last
+//! 100 000 keys, then a rebalance replay burst of 100 000 already-processed
+//! messages. Keys are 16 bytes. Every row processes the same messages and must
+//! find the same number of new keys.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use exactly::{Options, Partition, Store, Verdict};
+
+use super::common::{cpu_time, key, Rng};
+
+const PARTITIONS: usize = 8;
+const BATCH: usize = 1_000;
+const RECENT: usize = 100_000;
+const REPLAY: usize = 100_000;
+
+/// A poll batch: a partition and its messages' keys.
+type PollBatch = (usize, Vec<[u8; 16]>);
+
+/// The stream, already cut into per-partition poll batches, and the number
+/// of distinct keys in it.
+fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
+    let mut rng = Rng(0x5eed);
+    let mut recent: Vec<u64> = Vec::with_capacity(RECENT);
+    let mut pending: Vec<Vec<[u8; 16]>> =
+        (0..PARTITIONS).map(|_| Vec::with_capacity(BATCH)).collect();
+    let mut batches = Vec::new();
+    let mut unique = HashSet::new();
+    let live = messages.saturating_sub(REPLAY);
+    let push = |id: u64, pending: &mut Vec<Vec<[u8; 16]>>, batches: &mut Vec<_>| {
+        let p = (id % PARTITIONS as u64) as usize;
+        pending[p].push(key(id));
+        if pending[p].len() == BATCH {
+            batches.push((
+                p,
+                std::mem::replace(&mut pending[p], Vec::with_capacity(BATCH)),
+            ));
+        }
+    };
+    let mut tail: std::collections::VecDeque<u64> =
+        std::collections::VecDeque::with_capacity(REPLAY);
+    for seq in 0..live as u64 {
+        let id = if rng.next().is_multiple_of(100) && !recent.is_empty() {
+            recent[(rng.next() % recent.len() as u64) as usize]
+        } else {
+            seq
+        };
+        unique.insert(id);
+        if recent.len() < RECENT {
+            recent.push(id);
+        } else {
+            recent[(seq as usize) % RECENT] = id;
+        }
+        if tail.len() == REPLAY {
+            tail.pop_front();
+        }
+        tail.push_back(id);
+        push(id, &mut pending, &mut batches);
+    }
+    // A rebalance: the new owner replays the last messages, already processed.
+    for &id in tail.iter().take(messages - live) {
+        push(id, &mut pending, &mut batches);
+    }
+    for (p, keys) in pending.into_iter().enumerate() {
+        if !keys.is_empty() {
+            batches.push((p, keys));
+        }
+    }
+    (batches, unique.len())
+}
+
+struct Row {
+    name: &'static str,
+    messages: usize,
+    new: usize,
+    wall: Duration,
+    cpu: Duration,
+    /// Per-message latencies in ns, sampled (batch rows: batch time / size).
+    samples: Vec<u64>,
+    rss_delta: i64,
+}
+
+fn rss_bytes() -> i64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+fn measure(
+    name: &'static str,
+    batches: &[PollBatch],
+    mut run_batch: impl FnMut(usize, &[[u8; 16]], &mut Vec<u64>) -> usize,
+) -> Row {
+    let (cpu0, rss0) = (cpu_time(), rss_bytes());
+    let mut samples = Vec::new();
+    let started = Instant::now();
+    let mut new = 0;
+    let mut messages = 0;
+    for (p, keys) in batches {
+        new += run_batch(*p, keys, &mut samples);
+        messages += keys.len();
+    }
+    let wall = started.elapsed();
+    Row {
+        name,
+        messages,
+        new,
+        wall,
+        cpu: cpu_time().saturating_sub(cpu0),
+        samples,
+        rss_delta: rss_bytes() - rss0,
+    }
+}
+
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+fn exactly_options(messages: usize) -> Options {
+    Options::default()
+        .ttl(Duration::from_secs(24 * 3600))
+        .expected_keys_per_partition((messages / PARTITIONS).max(1_000))
+}
+
+fn exactly_store(dir: &std::path::Path, messages: usize) -> (Store, Vec<Partition>) {
+    let store = Store::open(dir, exactly_options(messages)).expect("open");
+    let parts: Vec<_> = (0..PARTITIONS as i32)
+        .map(|n| Partition::new("bench", n))
+        .collect();
+    for p in &parts {
+        store.assign(p).expect("assign");
+    }
+    (store, parts)
+}
+
+fn raw_rocksdb(dir: &std::path::Path) -> rocksdb::DB {
+    let mut o = rocksdb::Options::default();
+    o.create_if_missing(true);
+    rocksdb::DB::open(&o, dir).expect("open rocksdb")
+}
+
+/// A minimal Redis client: only what `SET key 1 NX EX ttl` needs.
+struct Redis {
+    server: Child,
+    conn: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Redis {
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let server = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if let Ok(conn) = TcpStream::connect(("127.0.0.1", port)) {
+                conn.set_nodelay(true).ok()?;
+                let reader = BufReader::new(conn.try_clone().ok()?);
+                return Some(Self {
+                    server,
+                    conn,
+                    reader,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn set_nx(buf: &mut Vec<u8>, key: &[u8]) {
+        buf.extend_from_slice(b"*6\r\n$3\r\nSET\r\n$");
+        buf.extend_from_slice(key.len().to_string().as_bytes());
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(key);
+        buf.extend_from_slice(b"\r\n$1\r\n1\r\n$2\r\nNX\r\n$2\r\nEX\r\n$5\r\n86400\r\n");
+    }
+
+    /// Sends the commands in `buf`, reads `n` replies, returns how many were OK.
+    fn round_trip(&mut self, buf: &[u8], n: usize) -> usize {
+        self.conn.write_all(buf).expect("redis write");
+        let mut ok = 0;
+        let mut line = String::new();
+        for _ in 0..n {
+            line.clear();
+            self.reader.read_line(&mut line).expect("redis read");
+            if line.starts_with("+OK") {
+                ok += 1;
+            } else if line.starts_with("$-1") {
+            } else {
+                panic!("redis: unexpected reply {line:?}");
+            }
+        }
+        ok
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let mut rest = Vec::new();
+        let _ = self.reader.read_to_end(&mut rest);
+    }
+}
+
+/// Runs the harness with the command line `args` (without the program name).
+pub fn run(args: Vec<String>) {
+    let mut messages = 1_000_000usize;
+    let mut json = None;
+    let mut only: Option<Vec<String>> = None;
+    let mut args = args.into_iter();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--messages" => {
+                messages = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .expect("--messages N")
+            }
+            "--json" => json = args.next(),
+            "--only" => {
+                only = args
+                    .next()
+                    .map(|s| s.split(',').map(String::from).collect())
+            }
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    let (batches, unique) = stream(messages);
+    let messages = batches.iter().map(|(_, k)| k.len()).sum::<usize>();
+    println!("stream: {messages} messages, {unique} distinct keys, {PARTITIONS} partitions, batches of {BATCH}");
+    let mut rows: Vec<Row> = Vec::new();
+    let mut skipped: Vec<&str> = Vec::new();
+
+    if wanted("naive-rocksdb") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = raw_rocksdb(dir.path());
+        rows.push(measure("naive-rocksdb", &batches, |_, keys, samples| {
+            let mut new = 0;
+            for k in keys {
+                let t = Instant::now();
+                if db.get_pinned(k).expect("get").is_none() {
+                    db.put(k, [1u8; 9]).expect("put");
+                    new += 1;
+                }
+                if samples.len() < 1_000_000 {
+                    samples.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            new
+        }));
+    }
+    if wanted("exactly-batch") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, parts) = exactly_store(dir.path(), messages);
+        rows.push(measure("exactly-batch", &batches, |p, keys, samples| {
+            let t = Instant::now();
+            let mut batch = store.batch(&parts[p]).expect("batch");
+            let mut new = 0;
+            for k in keys {
+                if batch.check_and_mark(k).expect("mark") == Verdict::New {
+                    new += 1;
+                }
+            }
+            batch.commit().expect("commit");
+            samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
+            new
+        }));
+    }
+    if wanted("exactly-single") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, parts) = exactly_store(dir.path(), messages);
+        rows.push(measure("exactly-single", &batches, |p, keys, samples| {
+            let mut new = 0;
+            for k in keys {
+                let t = Instant::now();
+                if store.check_and_mark(&parts[p], k).expect("mark") == Verdict::New {
+                    new += 1;
+                }
+                if samples.len() < 1_000_000 {
+                    samples.push(t.elapsed().as_nanos() as u64);
+                }
+            }
+            new
+        }));
+    }
+    if wanted("rocksdb-writebatch") {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = raw_rocksdb(dir.path());
+        rows.push(measure(
+            "rocksdb-writebatch",
+            &batches,
+            |_, keys, samples| {
+                let t = Instant::now();
+                let mut wb = rocksdb::WriteBatch::default();
+                let mut seen = HashSet::with_capacity(keys.len());
+                let mut new = 0;
+                for k in keys {
+                    if db.get_pinned(k).expect("get").is_none() && seen.insert(*k) {
+                        wb.put(k, [1u8; 9]);
+                        new += 1;
+                    }
+                }
+                db.write(wb).expect("write");
+                samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
+                new
+            },
+        ));
+    }
+    if wanted("bloom-rocksdb-writebatch") {
+        // The obvious design: one Bloom filter per partition (sized like the
+        // store's, 1 % false positives) in front of RocksDB, a get for every
+        // filter positive, one `WriteBatch` per poll batch.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = raw_rocksdb(dir.path());
+        let per_partition = (messages / PARTITIONS).max(1_000);
+        let mut filters: Vec<fastbloom::BloomFilter> = (0..PARTITIONS)
+            .map(|_| fastbloom::BloomFilter::with_false_pos(0.01).expected_items(per_partition))
+            .collect();
+        rows.push(measure(
+            "bloom-rocksdb-writebatch",
+            &batches,
+            |p, keys, samples| {
+                let t = Instant::now();
+                let filter = &mut filters[p];
+                let mut wb = rocksdb::WriteBatch::default();
+                let mut seen = HashSet::with_capacity(keys.len());
+                let mut new = 0;
+                for k in keys {
+                    let maybe = filter.contains(k);
+                    if (!maybe || db.get_pinned(k).expect("get").is_none()) && seen.insert(*k) {
+                        wb.put(k, [1u8; 9]);
+                        filter.insert(k);
+                        new += 1;
+                    }
+                }
+                db.write(wb).expect("write");
+                samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
+                new
+            },
+        ));
+    }
+    if wanted("hashset") {
+        let mut set: HashSet<[u8; 16]> = HashSet::new();
+        rows.push(measure("hashset", &batches, |_, keys, samples| {
+            let t = Instant::now();
+            let new = keys.iter().filter(|k| set.insert(**k)).count();
+            samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
+            new
+        }));
+    }
+    for (name, pipelined) in [("redis-pipelined", true), ("redis", false)] {
+        if !wanted(name) {
+            continue;
+        }
+        let Some(mut redis) = Redis::start() else {
+            skipped.push(name);
+            continue;
+        };
+        let mut buf = Vec::new();
+        rows.push(measure(name, &batches, |_, keys, samples| {
+            let mut new = 0;
+            if pipelined {
+                let t = Instant::now();
+                buf.clear();
+                for k in keys {
+                    Redis::set_nx(&mut buf, k);
+                }
+                new = redis.round_trip(&buf, keys.len());
+                samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
+            } else {
+                for k in keys {
+                    let t = Instant::now();
+                    buf.clear();
+                    Redis::set_nx(&mut buf, k);
+                    new += redis.round_trip(&buf, 1);
+                    if samples.len() < 1_000_000 {
+                        samples.push(t.elapsed().as_nanos() as u64);
+                    }
+                }
+            }
+            new
+        }));
+    }
+
+    let baseline = rows
+        .iter()
+        .find(|r| r.name == "naive-rocksdb")
+        .map(|r| r.wall.as_nanos() as f64 / r.messages as f64);
+    println!(
+        "{:<24} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10}",
+        "row",
+        "ns/msg",
+        "msgs/s",
+        "cpu ns/msg",
+        "p50 ns",
+        "p99 ns",
+        "rss MiB",
+        "vs naive",
+        "new keys"
+    );
+    let mut out = String::from("{\n  \"messages\": ");
+    out.push_str(&format!(
+        "{messages},\n  \"distinct_keys\": {unique},\n  \"rows\": [\n"
+    ));
+    let count = rows.len();
+    for (i, r) in rows.iter_mut().enumerate() {
+        r.samples.sort_unstable();
+        let ns = r.wall.as_nanos() as f64 / r.messages as f64;
+        let cpu = r.cpu.as_nanos() as f64 / r.messages as f64;
+        let (p50, p99) = (percentile(&r.samples, 0.5), percentile(&r.samples, 0.99));
+        let ratio = baseline.map_or(f64::NAN, |b| b / ns);
+        println!(
+            "{:<24} {:>10.0} {:>12.0} {:>10.0} {:>9} {:>9} {:>10.1} {:>10.2}x {:>10}",
+            r.name,
+            ns,
+            1e9 / ns,
+            cpu,
+            p50,
+            p99,
+            r.rss_delta as f64 / (1 << 20) as f64,
+            ratio,
+            r.new
+        );
+        out.push_str(&format!(
+            "    {{\"row\": \"{}\", \"ns_per_msg\": {ns:.1}, \"msgs_per_s\": {:.0}, \"cpu_ns_per_msg\": {cpu:.1}, \"p50_ns\": {p50}, \"p99_ns\": {p99}, \"rss_delta_bytes\": {}, \"speedup_vs_naive_rocksdb\": {}, \"new_keys\": {}}}{}\n",
+            r.name,
+            1e9 / ns,
+            r.rss_delta,
+            if ratio.is_finite() { format!("{ratio:.3}") } else { "null".into() },
+            r.new,
+            if i + 1 < count { "," } else { "" }
+        ));
+    }
+    for name in &skipped {
+        println!("{name:<24} skipped: no redis-server on the PATH");
+    }
+    out.push_str("  ],\n  \"skipped\": [");
+    out.push_str(
+        &skipped
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out.push_str("]\n}\n");
+    if let Some(path) = json {
+        std::fs::write(&path, out).expect("write json");
+        println!("wrote {path}");
+    }
+    // Every row must agree on what is new: the comparison is only fair if so.
+    for r in &rows {
+        assert_eq!(
+            r.new, unique,
+            "{} found {} new keys, expected {unique}",
+            r.name, r.new
+        );
+    }
+}
