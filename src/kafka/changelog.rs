@@ -300,7 +300,7 @@ impl Changelog {
                     self.send(
                         &topic,
                         Some(p.partition()),
-                        &change.key,
+                        Some(&change.key),
                         value.as_deref(),
                         None,
                     )?;
@@ -312,7 +312,7 @@ impl Changelog {
                 self.send(
                     &topic,
                     Some(p.partition()),
-                    PROGRESS_KEY,
+                    Some(PROGRESS_KEY),
                     Some(&progress),
                     None,
                 )?;
@@ -327,7 +327,13 @@ impl Changelog {
                                 })
                             })
                     });
-                    self.send_record(&r.topic, r.key.as_deref(), r.value.as_deref(), headers)?;
+                    self.send(
+                        &r.topic,
+                        None,
+                        r.key.as_deref(),
+                        r.value.as_deref(),
+                        headers,
+                    )?;
                 }
             }
         }
@@ -345,35 +351,20 @@ impl Changelog {
             .commit_transaction(self.timeout.saturating_sub(started.elapsed()))
     }
 
+    /// Queues a record for `topic` (on `partition`, or the partitioner's
+    /// choice).
     fn send(
         &self,
         topic: &str,
         partition: Option<i32>,
-        key: &[u8],
-        value: Option<&[u8]>,
-        headers: Option<OwnedHeaders>,
-    ) -> KafkaResult<()> {
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(key);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
-        if let Some(v) = value {
-            record = record.payload(v);
-        }
-        if let Some(h) = headers {
-            record = record.headers(h);
-        }
-        self.enqueue(record)
-    }
-
-    fn send_record(
-        &self,
-        topic: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         headers: Option<OwnedHeaders>,
     ) -> KafkaResult<()> {
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
