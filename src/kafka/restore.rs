@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -112,9 +112,17 @@ pub(super) fn restore(
             None => {
                 // A broker that keeps the changelog's end behind an open
                 // transaction (the previous owner's, until it commits or is
-                // aborted) delivers nothing past it: stop at the timeout.
+                // aborted) delivers nothing past it, nor does a slow one:
+                // give up this attempt at the timeout.
                 if idle.elapsed() > timeout {
-                    break;
+                    // Not caught up: what is committed so far stays (the
+                    // next attempt resumes from it), but the partition is
+                    // not handed to the application with marks missing.
+                    batch.set_changelog_next(position);
+                    batch.commit()?;
+                    return Err(RestoreError::Kafka(KafkaError::MessageConsumption(
+                        RDKafkaErrorCode::OperationTimedOut,
+                    )));
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
