@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::ledger::{Ledger, LEDGER_FILE};
 use crate::manifest::{Manifest, FORMAT_VERSION, MANIFEST_FILE};
 use crate::ttl::{install_compaction_filter, CfShared};
+use crate::wal::CutTail;
 
 /// An open, locked store directory whose manifest matches the options.
 pub(crate) struct Prepared {
@@ -105,9 +106,14 @@ fn lock_dir(path: &Path) -> Result<fs::File> {
 }
 
 /// Checks RocksDB's files before it opens them: the `MANIFEST` against the
-/// ledger, and every write-ahead log for damage that would hang recovery.
-/// Returns the ledger (a default one for a store from before ledgers).
-pub(crate) fn check_before_open(path: &Path, manifest: &Manifest) -> Result<Ledger> {
+/// ledger, and every write-ahead log for damage that would hang recovery
+/// (cutting a torn tail of the newest log: [`crate::wal::cut_torn_tail`]).
+/// Returns the ledger (a default one for a store from before ledgers) and
+/// the tail cut, if any.
+pub(crate) fn check_before_open(
+    path: &Path,
+    manifest: &Manifest,
+) -> Result<(Ledger, Option<CutTail>)> {
     let ledger = match Ledger::read(path)? {
         Some(ledger) => ledger,
         None if manifest.ledger_required => {
@@ -119,11 +125,12 @@ pub(crate) fn check_before_open(path: &Path, manifest: &Manifest) -> Result<Ledg
         None => Ledger::default(),
     };
     ledger.check_manifest(path)?;
-    crate::wal::check_logs(path)?;
-    Ok(ledger)
+    let cut = crate::wal::cut_torn_tail(path)?;
+    Ok((ledger, cut))
 }
 
-/// Checks what RocksDB recovered against the ledger, then records the
+/// Checks what RocksDB recovered against the ledger (naming the tail that
+/// [`check_before_open`] cut, if the check fails), then records the
 /// recovered state as durable (and upgrades the manifest of a store from
 /// before ledgers or claim graces: it requires a ledger from now on, and
 /// keeps `claim_grace_ms`, the grace in force until now).
@@ -131,11 +138,19 @@ pub(crate) fn check_after_open(
     path: &Path,
     manifest: &Manifest,
     ledger: Ledger,
+    cut: Option<&CutTail>,
     recovered_sequence: u64,
     clock: u64,
     claim_grace_ms: u64,
 ) -> Result<Ledger> {
-    ledger.check_sequence(recovered_sequence)?;
+    ledger
+        .check_sequence(recovered_sequence)
+        .map_err(|e| match (e, cut) {
+            (Error::Corruption(message), Some(cut)) => {
+                Error::Corruption(format!("{message} ({cut})"))
+            }
+            (e, _) => e,
+        })?;
     // The sequence floor only rises at `sync()` and `close()`, after a log
     // fsync: what recovery replayed may have come from logs the previous
     // process never fsynced. The new MANIFEST is recorded now.

@@ -100,25 +100,82 @@ pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
     None
 }
 
-/// Checks every write-ahead log (`*.log`) in the store directory, and the
-/// `MANIFEST` that `CURRENT` names (it is written in the same log format and
-/// read by the same reader); see the module documentation.
-pub(crate) fn check_logs(dir: &Path) -> Result<()> {
-    let mut names = Vec::new();
+/// A record that would trap RocksDB's log reader, found by the pre-flight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Trap {
+    /// The file's name in the store directory.
+    pub(crate) name: String,
+    /// Where the trapping record starts.
+    pub(crate) at: usize,
+    /// The file's length.
+    pub(crate) len: usize,
+    /// Whether the file is the newest write-ahead log: the only one of
+    /// RocksDB's files that may end in bytes that were never synced.
+    pub(crate) newest_log: bool,
+}
+
+impl Trap {
+    fn corruption(&self) -> Error {
+        Error::Corruption(format!(
+            "{} is damaged at byte {} of {}: a record of a recycled-log type in a \
+             log that was not recycled, which RocksDB's recovery cannot get past. \
+             Restore the store from a copy, or, if the damage is a torn tail after a \
+             power cut, truncate the file to {} bytes and open again (what was \
+             written after that point is lost)",
+            self.name, self.at, self.len, self.at
+        ))
+    }
+}
+
+/// The tail cut from the newest write-ahead log before recovery; see
+/// [`cut_torn_tail`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CutTail {
+    pub(crate) log: String,
+    pub(crate) at: usize,
+    /// The file, beside the log, that keeps the bytes cut.
+    pub(crate) kept: String,
+}
+
+impl std::fmt::Display for CutTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "before recovery, {} was cut at byte {}, where a record RocksDB's log reader \
+             cannot get past began; the bytes cut are kept in {}",
+            self.log, self.at, self.kept
+        )
+    }
+}
+
+/// Every record that would trap RocksDB's reader in the store directory's
+/// write-ahead logs (`*.log`) and in the `MANIFEST` that `CURRENT` names (it
+/// is written in the same log format and read by the same reader); see the
+/// module documentation.
+pub(crate) fn find_traps(dir: &Path) -> Result<Vec<Trap>> {
+    let mut logs = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".log") && entry.path().is_file() {
-            names.push(name);
+        if let Some(number) = log_number(&name) {
+            if entry.path().is_file() {
+                logs.push((number, name));
+            }
         }
     }
+    let newest = logs.iter().map(|(number, _)| *number).max();
+    let mut names: Vec<(String, bool)> = logs
+        .into_iter()
+        .map(|(number, name)| (name, Some(number) == newest))
+        .collect();
     if let Ok(current) = fs::read_to_string(dir.join("CURRENT")) {
         let manifest = current.trim_end();
         if manifest.starts_with("MANIFEST-") && !manifest.contains('/') {
-            names.push(manifest.to_owned());
+            names.push((manifest.to_owned(), false));
         }
     }
-    for name in names {
+    let mut traps = Vec::new();
+    for (name, newest_log) in names {
         let path = dir.join(&name);
         let log = match fs::read(&path) {
             Ok(log) => log,
@@ -127,17 +184,72 @@ pub(crate) fn check_logs(dir: &Path) -> Result<()> {
             Err(e) => return Err(Error::io(path, e)),
         };
         if let Some(at) = find_reader_loop(&log) {
-            return Err(Error::Corruption(format!(
-                "{name} is damaged at byte {at} of {}: a record of a recycled-log type in a \
-                 log that was not recycled, which RocksDB's recovery cannot get past. \
-                 Restore the store from a copy, or, if the damage is a torn tail after a \
-                 power cut, truncate the file to {at} bytes and open again (what was \
-                 written after that point is lost)",
-                log.len()
-            )));
+            traps.push(Trap {
+                name,
+                at,
+                len: log.len(),
+                newest_log,
+            });
         }
     }
-    Ok(())
+    Ok(traps)
+}
+
+/// The number of a write-ahead log file (`000012.log`).
+fn log_number(name: &str) -> Option<u64> {
+    name.strip_suffix(".log")?.parse().ok()
+}
+
+/// Checks every write-ahead log and the live `MANIFEST` (see [`find_traps`]);
+/// the first trap found is [`Error::Corruption`]. For a health check: `open`
+/// uses [`cut_torn_tail`].
+pub(crate) fn check_logs(dir: &Path) -> Result<()> {
+    match find_traps(dir)?.first() {
+        Some(trap) => Err(trap.corruption()),
+        None => Ok(()),
+    }
+}
+
+/// Runs before RocksDB reads the store's logs. A trap in the `MANIFEST` or
+/// in an older write-ahead log is damage to bytes that were synced (RocksDB
+/// fsyncs both before it relies on them): [`Error::Corruption`].
+///
+/// A trap in the newest write-ahead log is what a power cut leaves when the
+/// unsynced tail of the log holds stale or torn bytes. Under point-in-time
+/// recovery RocksDB stops replaying at the first bad record of that log, so
+/// the log is cut where the trap begins: recovery then ends exactly where it
+/// would have ended had the reader not looped. The bytes cut are first kept
+/// in `<log>.torn-<offset>` beside it (RocksDB ignores the name). Whether
+/// the cut lost anything that was durable is then the durability ledger's
+/// to judge, as for any other damage to the log: the caller adds the
+/// returned [`CutTail`] to the ledger's error.
+pub(crate) fn cut_torn_tail(dir: &Path) -> Result<Option<CutTail>> {
+    let traps = find_traps(dir)?;
+    if let Some(trap) = traps.iter().find(|t| !t.newest_log) {
+        return Err(trap.corruption());
+    }
+    let Some(trap) = traps.into_iter().next() else {
+        return Ok(None);
+    };
+    let path = dir.join(&trap.name);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let tail = bytes.get(trap.at..).unwrap_or_default();
+    let kept = format!("{}.torn-{}", trap.name, trap.at);
+    let kept_path = dir.join(&kept);
+    let tmp = dir.join(format!("{kept}.tmp"));
+    crate::durable::replace(&kept_path, &tmp, tail)?;
+    let log = fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    log.set_len(trap.at as u64)
+        .and_then(|()| log.sync_all())
+        .map_err(|e| Error::io(&path, e))?;
+    Ok(Some(CutTail {
+        log: trap.name,
+        at: trap.at,
+        kept,
+    }))
 }
 
 #[cfg(test)]
@@ -218,5 +330,66 @@ mod tests {
         log.extend_from_slice(&[11; 12]);
         assert_eq!(find_reader_loop(&log), Some(at2));
         assert!(at < at2);
+    }
+
+    /// A store directory with the given files.
+    fn dir_with(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in files {
+            fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        dir
+    }
+
+    fn trapped_log() -> (Vec<u8>, usize) {
+        let mut log = record(FULL_TYPE, b"first batch");
+        let at = log.len();
+        log.extend_from_slice(&[11; 12]);
+        (log, at)
+    }
+
+    #[test]
+    fn the_newest_logs_torn_tail_is_cut_and_kept() {
+        let (log, at) = trapped_log();
+        let healthy = record(FULL_TYPE, b"older");
+        let dir = dir_with(&[("000007.log", &healthy), ("000009.log", &log)]);
+        let cut = cut_torn_tail(dir.path()).unwrap().expect("a cut");
+        assert_eq!(cut.log, "000009.log");
+        assert_eq!(cut.at, at);
+        let kept = fs::read(dir.path().join(&cut.kept)).unwrap();
+        assert_eq!(kept, log[at..]);
+        assert_eq!(fs::read(dir.path().join("000009.log")).unwrap(), log[..at]);
+        assert_eq!(fs::read(dir.path().join("000007.log")).unwrap(), healthy);
+        // Nothing left to cut, and the health check agrees.
+        assert_eq!(cut_torn_tail(dir.path()).unwrap(), None);
+        check_logs(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_trap_in_an_older_log_or_the_manifest_is_corruption_and_nothing_is_cut() {
+        let (log, at) = trapped_log();
+        let healthy = record(FULL_TYPE, b"newer");
+        let dir = dir_with(&[("000007.log", &log), ("000009.log", &healthy)]);
+        let e = cut_torn_tail(dir.path()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Corruption(m) if m.contains("000007.log") && m.contains(&format!("byte {at}"))),
+            "{e:?}"
+        );
+        assert_eq!(fs::read(dir.path().join("000007.log")).unwrap(), log);
+
+        let dir = dir_with(&[
+            ("CURRENT", b"MANIFEST-000005\n"),
+            ("MANIFEST-000005", &log),
+            ("000009.log", &healthy),
+        ]);
+        let e = cut_torn_tail(dir.path()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Corruption(m) if m.contains("MANIFEST-000005")),
+            "{e:?}"
+        );
+        assert_eq!(fs::read(dir.path().join("MANIFEST-000005")).unwrap(), log);
+        // The health check reports a trap wherever it is.
+        let dir = dir_with(&[("000009.log", &log)]);
+        assert!(matches!(check_logs(dir.path()), Err(Error::Corruption(_))));
     }
 }

@@ -14,8 +14,9 @@
 //! A cut copies the directory while the store is open (the files as the page
 //! cache has them), abandons the store, and truncates the newest log of the
 //! copy to a fuzzer-chosen length between its synced length and its current
-//! length, optionally garbling the unsynced bytes that remain. Then the copy
-//! must open, and:
+//! length, optionally garbling the unsynced bytes that remain (garbage that
+//! would trap RocksDB's log reader included: `open` cuts the log there). Then
+//! the copy must open, and:
 //!
 //! * every batch acknowledged before the last sync point is there (marks and
 //!   offset);

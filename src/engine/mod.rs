@@ -80,7 +80,7 @@ impl Engine {
         let path = path.to_path_buf();
         let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
         let claim_grace_ms = manifest.claim_grace_ms.unwrap_or(options.ttl_millis());
-        let ledger = check_before_open(&path, &manifest)?;
+        let (ledger, cut) = check_before_open(&path, &manifest)?;
         let time = Arc::new(TimeKeeper::new(options.clock.clone()));
         time.start_at(ledger.clock);
         let mut db_options = db_options();
@@ -119,6 +119,7 @@ impl Engine {
             &path,
             &manifest,
             ledger,
+            cut.as_ref(),
             db.latest_sequence_number(),
             time.now(),
             claim_grace_ms,
