@@ -12,11 +12,27 @@ fn a_store_held_by_a_consumer_is_locked() {
     store.assign(&orders(0)).unwrap();
     store.mark(&orders(0), b"k").unwrap();
     let d = path_str(dir.path());
+    // An export made elsewhere, to import into the held store.
+    let other = tempfile::tempdir().unwrap();
+    let export = path_str(&other.path().join("orders-0.export")).to_owned();
+    let blocked = path_str(&other.path().join("held.export")).to_owned();
+    {
+        let source = other.path().join("source");
+        let (s, _) = open_at(&source, FUTURE);
+        s.assign(&orders(0)).unwrap();
+        s.mark(&orders(0), b"from elsewhere").unwrap();
+        s.close().unwrap();
+        let o = run(&["export", path_str(&source), "orders", "0", &export]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
     for args in [
         vec!["stats", d],
         vec!["check", d, "orders", "0", "k"],
         vec!["verify", d],
         vec!["compact", d],
+        vec!["inspect", d, "orders", "0"],
+        vec!["export", d, "orders", "0", &blocked],
+        vec!["import", d, &export],
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(1), "{args:?}");
@@ -24,9 +40,17 @@ fn a_store_held_by_a_consumer_is_locked() {
         assert!(e.contains("is locked"), "{args:?}: {e}");
         assert!(e.contains("another process"), "{args:?}: {e}");
     }
-    // Once the consumer stops, the same command works.
+    // Nothing was imported, nor written where the export would have gone.
+    assert!(!other.path().join("held.export").exists());
+    assert_eq!(
+        store.check(&orders(0), b"from elsewhere").unwrap(),
+        exactly::Verdict::New
+    );
+    // Once the consumer stops, the same commands work.
     store.close().unwrap();
     let o = run(&["stats", d]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(&["import", d, &export]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 

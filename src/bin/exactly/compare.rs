@@ -40,7 +40,9 @@ fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
         (0..PARTITIONS).map(|_| Vec::with_capacity(BATCH)).collect();
     let mut batches = Vec::new();
     let mut unique = HashSet::new();
-    let live = messages.saturating_sub(REPLAY);
+    // The replay burst is at most a twentieth of the stream, so that a short
+    // stream is not all replay (at 2 M messages and more it is REPLAY).
+    let live = messages - REPLAY.min(messages / 20);
     let push = |id: u64, pending: &mut Vec<Vec<[u8; 16]>>, batches: &mut Vec<_>| {
         let p = (id % PARTITIONS as u64) as usize;
         pending[p].push(key(id));
@@ -240,6 +242,18 @@ impl Drop for Redis {
 }
 
 /// Runs the harness with the command line `args` (without the program name).
+/// The rows the harness can run, in the order it runs them (`--only`).
+pub const ROWS: &[&str] = &[
+    "naive-rocksdb",
+    "exactly-batch",
+    "exactly-single",
+    "rocksdb-writebatch",
+    "bloom-rocksdb-writebatch",
+    "hashset",
+    "redis-pipelined",
+    "redis",
+];
+
 pub fn run(args: Vec<String>) {
     let mut messages = 1_000_000usize;
     let mut json = None;
@@ -263,6 +277,14 @@ pub fn run(args: Vec<String>) {
             other => panic!("unknown argument {other}"),
         }
     }
+    for name in only.iter().flatten() {
+        assert!(
+            ROWS.contains(&name.as_str()),
+            "unknown row {name:?}; the rows are {}",
+            ROWS.join(", ")
+        );
+    }
+    assert!(messages > 0, "--messages must be at least 1");
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
     let (batches, unique) = stream(messages);
     let messages = batches.iter().map(|(_, k)| k.len()).sum::<usize>();

@@ -166,6 +166,19 @@ pub(crate) fn bench(
             "bench prints a table; use --out FILE for its figures as JSON".into(),
         ));
     }
+    if messages == 0 {
+        return Err(Failure::Found("--messages must be at least 1".into()));
+    }
+    if let Some(unknown) = only
+        .iter()
+        .flat_map(|o| o.split(','))
+        .find(|name| !crate::compare::ROWS.contains(name))
+    {
+        return Err(Failure::Found(format!(
+            "unknown row {unknown:?}; the rows are {}",
+            crate::compare::ROWS.join(", ")
+        )));
+    }
     let mut args = vec!["--messages".to_string(), messages.to_string()];
     if let Some(only) = only {
         args.extend(["--only".to_string(), only]);
