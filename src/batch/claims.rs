@@ -10,6 +10,22 @@ use crate::layout::Entry;
 use crate::shard::Counters;
 use crate::ttl::expiry;
 
+/// What [`Batch::take_claim`] found.
+#[cfg(feature = "kafka")]
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// Marked and live, or claimed earlier in the same batch: skip it.
+    Duplicate,
+    /// Nobody marked or claimed it: claimed now.
+    New(ClaimToken),
+    /// Another processor's claim was live, and is now this one's.
+    InDoubt {
+        token: ClaimToken,
+        /// The epoch the previous claim was made under.
+        holder_epoch: u64,
+    },
+}
+
 impl Batch<'_> {
     /// Turns an acquired claim into a processed mark (its TTL starts now).
     ///
@@ -55,25 +71,61 @@ impl Batch<'_> {
                 holder_epoch: epoch,
                 expires_at: lease_until,
             }),
-            None => {
-                let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
-                let epoch = self.fence.unwrap_or_else(|| self.shard.epoch());
-                let token = ClaimToken {
-                    partition: self.shard.partition.clone(),
-                    stored_key: k.clone(),
-                    epoch,
-                    token: next_token(),
-                    lease_until: expiry(now.clock, lease_ms),
-                };
-                let entry = Entry::Claimed {
-                    lease_until: token.lease_until,
-                    epoch,
-                    token: token.token,
-                };
-                self.stage(k, Some(entry), true);
-                Ok(Claim::Acquired(token))
-            }
+            None => Ok(Claim::Acquired(self.stage_claim(k, lease, now.clock))),
         }
+    }
+    /// Claims a validated key for the claim mode of the Kafka loop, which
+    /// owns the partition and settles (confirms or releases) every claim it
+    /// makes before it returns: a live claim it finds was made by a
+    /// processor that stopped before settling it (another instance, or this
+    /// one before a crash or a failed write), so the side effect may have
+    /// happened. That claim is taken over, and the key reported in doubt.
+    #[cfg(feature = "kafka")]
+    pub(crate) fn take_claim(&mut self, key: &[u8], lease: Duration) -> Result<Taken> {
+        let key = self.engine.validate_key(key)?;
+        let k = self.engine.stored_key(key);
+        Counters::bump(&self.shard.counters.checks);
+        let now = self.times();
+        let staged = self.staged.contains_key(&k);
+        let holder = match self.current(&k, now)?.0 {
+            // Marked, or claimed earlier in this batch (the same key twice in
+            // one poll batch).
+            Some(Entry::Done { .. }) | Some(Entry::Claimed { .. }) if staged => None,
+            Some(Entry::Done { .. }) => None,
+            Some(Entry::Claimed { epoch, .. }) => Some(Some(epoch)),
+            None => Some(None),
+        };
+        let Some(holder) = holder else {
+            Counters::bump(&self.shard.counters.duplicates);
+            return Ok(Taken::Duplicate);
+        };
+        let token = self.stage_claim(k, lease, now.clock);
+        Ok(match holder {
+            None => Taken::New(token),
+            Some(holder_epoch) => Taken::InDoubt {
+                token,
+                holder_epoch,
+            },
+        })
+    }
+    /// Stages a new claim on stored key `k` for `lease` from `clock_now`.
+    fn stage_claim(&mut self, k: Vec<u8>, lease: Duration, clock_now: u64) -> ClaimToken {
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        let epoch = self.fence.unwrap_or_else(|| self.shard.epoch());
+        let token = ClaimToken {
+            partition: self.shard.partition.clone(),
+            stored_key: k.clone(),
+            epoch,
+            token: next_token(),
+            lease_until: expiry(clock_now, lease_ms),
+        };
+        let entry = Entry::Claimed {
+            lease_until: token.lease_until,
+            epoch,
+            token: token.token,
+        };
+        self.stage(k, Some(entry), true);
+        token
     }
     /// Checks that `token` still holds its claim.
     pub(super) fn own_claim(&self, token: &ClaimToken) -> Result<()> {

@@ -22,6 +22,9 @@ use crate::verdict::Verdict;
 mod changelog;
 mod claims;
 
+#[cfg(feature = "kafka")]
+pub(crate) use claims::Taken;
+
 /// The time of one operation: the store's clock, and the partition's time
 /// for marks (the same, or the event-time watermark).
 #[derive(Debug, Clone, Copy)]

@@ -49,6 +49,9 @@ pub struct PollReport {
     pub processed: usize,
     /// Messages skipped as duplicates.
     pub duplicates: usize,
+    /// Claim mode: messages handed to the handler in doubt (their key's
+    /// earlier claim was never confirmed nor released).
+    pub in_doubt: usize,
     /// Keyless messages skipped under [`MissingKey::Skip`].
     pub skipped: usize,
     /// Messages polled before a rebalance and dropped unprocessed (they are
@@ -73,9 +76,9 @@ pub struct PollReport {
 /// one atomic store write; finally commit the offsets to Kafka, as
 /// [`KafkaCommit`] says (asynchronously by default).
 pub struct IdempotentConsumer {
-    consumer: DedupConsumer,
-    keys: KeySource,
-    missing: MissingKey,
+    pub(super) consumer: DedupConsumer,
+    pub(super) keys: KeySource,
+    pub(super) missing: MissingKey,
     max_batch: usize,
     seek_timeout: Duration,
     kafka_commit: KafkaCommit,
@@ -83,7 +86,9 @@ pub struct IdempotentConsumer {
     /// first, so that a seek error never skips messages.
     unrewound: Mutex<Vec<(Partition, i64)>>,
     /// Changelog mode, when set.
-    changelog: Option<ChangelogState>,
+    pub(super) changelog: Option<ChangelogState>,
+    /// The lease of the claims of the claim mode.
+    pub(super) claim_lease: Duration,
 }
 
 impl std::fmt::Debug for IdempotentConsumer {
@@ -109,6 +114,7 @@ impl IdempotentConsumer {
             kafka_commit: KafkaCommit::default(),
             unrewound: Mutex::new(Vec::new()),
             changelog: None,
+            claim_lease: super::claimed::DEFAULT_CLAIM_LEASE,
         }
     }
 
@@ -191,52 +197,74 @@ impl IdempotentConsumer {
     where
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
     {
+        let mut report = PollReport::default();
+        self.before_poll(&mut report)?;
+        let messages = self.poll_checked(timeout, &mut report)?;
+        let mut results = Vec::new();
+        let mut failed = false;
+        for (p, msgs) in by_partition(&messages) {
+            let result = if failed {
+                PartitionResult::not_run(&msgs)
+            } else {
+                self.process_partition(&p, &msgs, &mut handler, &mut report)
+            };
+            failed = failed || result.outcome.is_err();
+            results.push((p, result));
+        }
+        drop(messages);
+        self.finish_poll(results, report)
+    }
+
+    /// Before a poll: reports a rebalance failure, seeks what a failed
+    /// rewind left, and takes the changelog step.
+    pub(super) fn before_poll<E>(
+        &mut self,
+        report: &mut PollReport,
+    ) -> Result<(), ConsumeError<E>> {
         self.check_rebalance()?;
         self.retry_rewind()?;
-        let mut report = PollReport::default();
-        self.changelog_step(&mut report)?;
-        let messages = self.poll_messages(timeout, &mut report);
+        self.changelog_step(report)
+    }
+
+    /// Polls a batch; if a rebalance callback failed meanwhile, nothing
+    /// polled is kept and the error is returned.
+    pub(super) fn poll_checked<E>(
+        &self,
+        timeout: Duration,
+        report: &mut PollReport,
+    ) -> Result<Vec<BorrowedMessage<'_>>, ConsumeError<E>> {
+        let messages = self.poll_messages(timeout, report);
         if let Err(e) = self.check_rebalance() {
             // Nothing polled is processed: put the consumer back at the
             // first polled message of each partition, so that the next poll
             // delivers them again instead of skipping them.
-            let mut first: BTreeMap<Partition, i64> = BTreeMap::new();
-            for m in &messages {
-                first
-                    .entry(Partition::new(m.topic(), m.partition()))
-                    .or_insert(m.offset());
-            }
-            let positions: Vec<(Partition, i64)> = first.into_iter().collect();
+            let positions: Vec<(Partition, i64)> = by_partition(&messages)
+                .into_iter()
+                .filter_map(|(p, msgs)| msgs.first().map(|m| (p, m.offset())))
+                .collect();
             drop(messages);
             // The rebalance error is the one reported; a failed seek is
             // retried by the next poll before it polls.
             let _ = self.rewind::<E>(&positions);
             return Err(e);
         }
-        if messages.is_empty() {
-            return Ok(report);
-        }
+        Ok(messages)
+    }
 
-        let mut by_partition: BTreeMap<Partition, Vec<&BorrowedMessage<'_>>> = BTreeMap::new();
-        for m in &messages {
-            by_partition
-                .entry(Partition::new(m.topic(), m.partition()))
-                .or_default()
-                .push(m);
-        }
-
+    /// The end of a poll batch: publishes what the partitions' store
+    /// batches committed (changelog mode) or commits their offsets to Kafka,
+    /// and puts the consumer back at the first unprocessed message of each
+    /// partition after an error.
+    pub(super) fn finish_poll<E>(
+        &mut self,
+        results: Vec<(Partition, PartitionResult<E>)>,
+        mut report: PollReport,
+    ) -> Result<PollReport, ConsumeError<E>> {
         let mut to_kafka = TopicPartitionList::new();
         let mut outcome = Ok(());
         let mut unprocessed: Vec<(Partition, i64)> = Vec::new();
         let mut to_publish: Vec<ToPublish> = Vec::new();
-        for (p, msgs) in &by_partition {
-            if outcome.is_err() {
-                if let Some(first) = msgs.first() {
-                    unprocessed.push((p.clone(), first.offset()));
-                }
-                continue;
-            }
-            let result = self.process_partition(p, msgs, &mut handler, &mut report);
+        for (p, result) in results {
             if let Some((seq, entry)) = result.published {
                 to_publish.push(ToPublish {
                     partition: p.clone(),
@@ -252,8 +280,10 @@ impl IdempotentConsumer {
                     report.kafka_errors.push(e);
                 }
             }
-            if let Err(e) = result.outcome {
-                unprocessed.push((p.clone(), result.resume_at));
+            if !result.ran {
+                unprocessed.push((p, result.resume_at));
+            } else if let Err(e) = result.outcome {
+                unprocessed.push((p, result.resume_at));
                 outcome = Err(e);
             }
         }
@@ -382,12 +412,7 @@ impl IdempotentConsumer {
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
     {
         let start = msgs.first().map_or(0, |m| m.offset());
-        let fail = |e: ConsumeError<E>, resume_at: i64| PartitionResult {
-            committed: None,
-            published: None,
-            resume_at,
-            outcome: Err(e),
-        };
+        let fail = PartitionResult::failed;
         let store = self.context().store();
         let mut batch = match store.batch(p) {
             Ok(b) => b,
@@ -428,6 +453,7 @@ impl IdempotentConsumer {
         // the group's committed offset: so is the store's offset now.
         self.context().may_hand_over(p);
         PartitionResult {
+            ran: true,
             committed: Some(offset),
             published,
             resume_at: offset,
@@ -502,7 +528,7 @@ impl IdempotentConsumer {
     /// Positions the consumer at the first unprocessed message of each
     /// partition, so that the next poll retries them. If the seek fails, the
     /// positions are kept and the next poll seeks them before polling.
-    fn rewind<E>(&self, positions: &[(Partition, i64)]) -> Result<(), ConsumeError<E>> {
+    pub(super) fn rewind<E>(&self, positions: &[(Partition, i64)]) -> Result<(), ConsumeError<E>> {
         let result = self.seek(positions);
         if result.is_err() {
             self.unrewound.lock().extend_from_slice(positions);
@@ -538,12 +564,54 @@ impl IdempotentConsumer {
 }
 
 /// The outcome of one partition's share of a poll batch.
-struct PartitionResult<E> {
+pub(super) struct PartitionResult<E> {
+    /// Whether its messages were processed at all (not after an earlier
+    /// partition's error).
+    pub(super) ran: bool,
     /// The offset committed to the store, if the batch was committed.
-    committed: Option<i64>,
+    pub(super) committed: Option<i64>,
     /// The outbox entry the commit left (changelog mode).
-    published: Option<Published>,
-    /// Where the partition should resume when `outcome` is an error.
-    resume_at: i64,
-    outcome: Result<(), ConsumeError<E>>,
+    pub(super) published: Option<Published>,
+    /// Where the partition should resume when `outcome` is an error (or it
+    /// did not run).
+    pub(super) resume_at: i64,
+    pub(super) outcome: Result<(), ConsumeError<E>>,
+}
+
+impl<E> PartitionResult<E> {
+    /// A partition left for the next poll after an earlier one failed.
+    pub(super) fn not_run(msgs: &[&BorrowedMessage<'_>]) -> Self {
+        Self {
+            ran: false,
+            committed: None,
+            published: None,
+            resume_at: msgs.first().map_or(0, |m| m.offset()),
+            outcome: Ok(()),
+        }
+    }
+
+    /// A partition whose store batch could not be opened or committed.
+    pub(super) fn failed(e: ConsumeError<E>, resume_at: i64) -> Self {
+        Self {
+            ran: true,
+            committed: None,
+            published: None,
+            resume_at,
+            outcome: Err(e),
+        }
+    }
+}
+
+/// A poll batch's messages by partition, in offset order.
+pub(super) fn by_partition<'a, 'm>(
+    messages: &'a [BorrowedMessage<'m>],
+) -> BTreeMap<Partition, Vec<&'a BorrowedMessage<'m>>> {
+    let mut by_partition: BTreeMap<Partition, Vec<&BorrowedMessage<'m>>> = BTreeMap::new();
+    for m in messages {
+        by_partition
+            .entry(Partition::new(m.topic(), m.partition()))
+            .or_default()
+            .push(m);
+    }
+    by_partition
 }

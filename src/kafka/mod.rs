@@ -51,6 +51,7 @@
 //! `error`. Dependencies point one way: consumer → context → group.
 
 mod changelog;
+mod claimed;
 mod consumer;
 mod context;
 mod error;
@@ -66,6 +67,7 @@ pub use rdkafka;
 pub use changelog::{
     changelog_topic, Changelog, Deliveries, ProgressFn, RestoreProgress, PROGRESS_KEY,
 };
+pub use claimed::{Delivery, DEFAULT_CLAIM_LEASE};
 pub use consumer::{IdempotentConsumer, KafkaCommit, PollReport};
 pub use context::{resume_offset, DedupConsumer, DedupContext};
 pub use error::ConsumeError;

@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
@@ -39,8 +41,10 @@ pub(super) struct ChangelogState {
     done_rx: Receiver<RestoreDone>,
     /// Partitions being restored.
     restoring: BTreeSet<Partition>,
-    /// Partitions whose outbox holds entries a failed transaction left.
-    pending: BTreeSet<Partition>,
+    /// Partitions whose outbox holds entries a failed transaction left
+    /// (behind a lock so that publishing needs only a shared reference: the
+    /// claim mode publishes while the polled messages borrow the consumer).
+    pending: Mutex<BTreeSet<Partition>>,
 }
 
 impl std::fmt::Debug for ChangelogState {
@@ -68,7 +72,7 @@ impl ChangelogState {
             done_tx,
             done_rx,
             restoring: BTreeSet::new(),
-            pending: BTreeSet::new(),
+            pending: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -84,7 +88,7 @@ impl ChangelogState {
             }
             self.restoring.insert(p.clone());
             // Its restore settles what the outbox holds.
-            self.pending.remove(&p);
+            self.pending.get_mut().remove(&p);
             let store: Arc<Store> = context.store().clone();
             let changelog = self.changelog.clone();
             let tx = self.done_tx.clone();
@@ -278,7 +282,7 @@ impl ChangelogState {
         consumer: &DedupConsumer,
     ) -> Result<(), ConsumeError<E>> {
         let owned = consumer.context().owned();
-        let pending: Vec<Partition> = std::mem::take(&mut self.pending)
+        let pending: Vec<Partition> = std::mem::take(self.pending.get_mut())
             .into_iter()
             .filter(|p| owned.contains(p))
             .collect();
@@ -306,7 +310,7 @@ impl ChangelogState {
     /// the entries stay in the outbox, and the next poll publishes them
     /// before it processes anything.
     pub(super) fn publish(
-        &mut self,
+        &self,
         consumer: &DedupConsumer,
         batches: Vec<ToPublish>,
     ) -> Result<(), KafkaError> {
@@ -335,7 +339,7 @@ impl ChangelogState {
             Ok(positions) => positions,
             Err(e) => {
                 for (p, _) in &grouped {
-                    self.pending.insert(p.clone());
+                    self.pending.lock().insert(p.clone());
                 }
                 return Err(e);
             }
