@@ -21,6 +21,8 @@ use kafka_support::*;
 struct Seen {
     /// Keys delivered in doubt.
     in_doubt: BTreeSet<String>,
+    /// In-doubt deliveries, counting a retried one again.
+    in_doubt_deliveries: usize,
     /// Keys delivered as new whose side effect had already been applied:
     /// the promise broken.
     new_but_applied: Vec<String>,
@@ -32,13 +34,21 @@ fn text(key: &[u8]) -> String {
 
 /// Polls in claim mode until the store's offsets reach `ends`. A new key's
 /// side effect is applied; an in-doubt key's only if the sink has not seen
-/// it, as an application would ask the downstream system by the key.
-fn run_claimed(instance: &mut Instance, ends: &HashMap<i32, i64>, sink: &Sink, seen: &mut Seen) {
+/// it, as an application would ask the downstream system by the key. With
+/// `fail_in_doubt_once`, the first in-doubt lookup fails (the downstream
+/// system did not answer), and the handler returns an error.
+fn run_claimed(
+    instance: &mut Instance,
+    ends: &HashMap<i32, i64>,
+    sink: &Sink,
+    seen: &mut Seen,
+    mut fail_in_doubt_once: bool,
+) {
     let started = Instant::now();
     while !instance.reached(ends) {
-        instance
-            .consumer
-            .poll_batch_claimed(Duration::from_millis(100), |_, key, delivery, _| {
+        let result = instance.consumer.poll_batch_claimed(
+            Duration::from_millis(100),
+            |_, key, delivery, _| {
                 let key = key.expect("keyed");
                 match delivery {
                     Delivery::New => {
@@ -49,14 +59,23 @@ fn run_claimed(instance: &mut Instance, ends: &HashMap<i32, i64>, sink: &Sink, s
                     }
                     Delivery::InDoubt { .. } => {
                         seen.in_doubt.insert(text(key));
+                        seen.in_doubt_deliveries += 1;
+                        if fail_in_doubt_once {
+                            fail_in_doubt_once = false;
+                            return Err("the downstream lookup timed out");
+                        }
                         if sink.applied(key) == 0 {
                             sink.apply(key);
                         }
                     }
                 }
-                Ok::<(), std::convert::Infallible>(())
-            })
-            .unwrap();
+                Ok(())
+            },
+        );
+        match result {
+            Ok(_) | Err(ConsumeError::Handler { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
         assert!(
             started.elapsed() < DEADLINE,
             "did not reach {ends:?}: store offsets {:?}",
@@ -126,7 +145,7 @@ fn die_then_resume(claimed: bool, changelog: bool, same_store: bool) -> (Sink, S
     let mut a = Instance::start(&servers, dirs.0.path(), "a", changelog);
     let mut seen = Seen::default();
     if claimed {
-        run_claimed(&mut a, &ends, &sink, &mut seen);
+        run_claimed(&mut a, &ends, &sink, &mut seen, false);
     } else {
         a.run_to(&ends, &sink);
     }
@@ -143,7 +162,9 @@ fn die_then_resume(claimed: bool, changelog: bool, same_store: bool) -> (Sink, S
     let mut b = Instance::start(&servers, dir, if same_store { "a" } else { "b" }, changelog);
     let mut seen = Seen::default();
     if claimed {
-        run_claimed(&mut b, &ends, &sink, &mut seen);
+        // The first in-doubt key's handler fails: its claim must stay, and
+        // the key come back in doubt, never as new.
+        run_claimed(&mut b, &ends, &sink, &mut seen, true);
     } else {
         b.run_to(&ends, &sink);
     }
@@ -166,6 +187,10 @@ fn assert_in_doubt_never_twice(sink: &Sink, seen: &Seen, died: &[String]) {
             "{key} was applied, then not reported in doubt: {seen:?}"
         );
     }
+    assert!(
+        seen.in_doubt_deliveries > seen.in_doubt.len(),
+        "the key whose in-doubt handler failed was not delivered in doubt again: {seen:?}"
+    );
 }
 
 #[test]
@@ -207,6 +232,7 @@ fn a_failed_handler_releases_its_claims_and_a_key_twice_in_a_batch_is_handled_on
     let mut a = Instance::start(&servers, dir.path(), "a", true);
     let mut failed_once = false;
     let mut deliveries: Vec<(String, Delivery)> = Vec::new();
+    let mut in_this_poll: Vec<i32> = Vec::new();
     let started = Instant::now();
     while !a.reached(&ends) {
         let result =
@@ -214,6 +240,7 @@ fn a_failed_handler_releases_its_claims_and_a_key_twice_in_a_batch_is_handled_on
                 .poll_batch_claimed(Duration::from_millis(100), |m, key, delivery, _| {
                     let key = key.expect("keyed");
                     deliveries.push((text(key), delivery));
+                    in_this_poll.push(m.partition());
                     if text(key) == "order-4" && !failed_once {
                         failed_once = true;
                         return Err(format!(
@@ -227,9 +254,18 @@ fn a_failed_handler_releases_its_claims_and_a_key_twice_in_a_batch_is_handled_on
                 });
         match result {
             Ok(report) => assert_eq!(report.in_doubt, 0),
-            Err(ConsumeError::Handler { source, .. }) => assert!(source.contains("order-4")),
+            Err(ConsumeError::Handler { source, .. }) => {
+                assert!(source.contains("order-4"));
+                // Partitions are handled in order; none after the failed
+                // one is handled in the same poll.
+                assert!(
+                    in_this_poll.iter().all(|&p| p == 0),
+                    "handled after the error: {in_this_poll:?}"
+                );
+            }
             Err(e) => panic!("{e}"),
         }
+        in_this_poll.clear();
         assert!(started.elapsed() < DEADLINE, "did not reach {ends:?}");
     }
     a.stop();

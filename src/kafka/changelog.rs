@@ -120,6 +120,20 @@ pub struct RestoreProgress {
     pub elapsed: Duration,
 }
 
+impl RestoreProgress {
+    /// The time left at the pace so far: `remaining` records at the rate
+    /// `records` took in `elapsed`. `None` before the first record is read.
+    /// An estimate, like `remaining`: compaction leaves gaps in the
+    /// changelog's offsets, so it errs long.
+    pub fn time_left(&self) -> Option<Duration> {
+        if self.records == 0 {
+            return None;
+        }
+        let per_record = self.elapsed.as_secs_f64() / self.records as f64;
+        Some(Duration::from_secs_f64(per_record * self.remaining as f64))
+    }
+}
+
 /// A callback for restore progress.
 pub type ProgressFn = dyn Fn(&RestoreProgress) + Send + Sync;
 
@@ -392,5 +406,26 @@ impl Changelog {
                 Err((e, _)) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_is_the_pace_so_far_times_what_is_left() {
+        let mut p = RestoreProgress {
+            partition: Partition::new("t", 0),
+            records: 0,
+            bytes: 0,
+            remaining: 3_000,
+            elapsed: Duration::from_secs(2),
+        };
+        assert_eq!(p.time_left(), None);
+        p.records = 1_000;
+        assert_eq!(p.time_left(), Some(Duration::from_secs(6)));
+        p.remaining = 0;
+        assert_eq!(p.time_left(), Some(Duration::ZERO));
     }
 }

@@ -29,11 +29,16 @@ use crate::{ClaimToken, Error, Partition};
 /// as new.
 pub const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(24 * 3600);
 
+/// The shortest [`IdempotentConsumer::claim_lease`] the claim mode takes.
+pub const MIN_CLAIM_LEASE: Duration = Duration::from_secs(1);
+
 /// How a message reaches the handler of
 /// [`IdempotentConsumer::poll_batch_claimed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
-    /// Nobody processed or claimed the key: apply the side effect.
+    /// Nobody processed or claimed the key: apply the side effect. (Also
+    /// how a message without a usable key arrives under
+    /// [`MissingKey::Process`]: no claim covers it.)
     New,
     /// A processor claimed the key and stopped before it confirmed or
     /// released the claim (another instance that crashed or lost the
@@ -54,6 +59,19 @@ struct Item<'a, 'm> {
     claim: Option<(Vec<u8>, ClaimToken, Delivery)>,
 }
 
+impl Item<'_, '_> {
+    /// The claim made on a key nobody had claimed: released when the
+    /// message is not handled. A claim taken over from a processor that
+    /// stopped is never released: its side effect may have happened, so the
+    /// key stays in doubt until a handler settles it.
+    fn new_claim(&self) -> Option<&ClaimToken> {
+        match &self.claim {
+            Some((_, token, Delivery::New)) => Some(token),
+            _ => None,
+        }
+    }
+}
+
 /// One partition's first phase.
 struct Claimed<'a, 'm, E> {
     items: Vec<Item<'a, 'm>>,
@@ -67,8 +85,9 @@ impl IdempotentConsumer {
     /// The lease of the claims [`poll_batch_claimed`](Self::poll_batch_claimed)
     /// makes (default [`DEFAULT_CLAIM_LEASE`]): how long a key whose
     /// processor stopped between claim and confirm is delivered in doubt.
-    /// Give it at least the time a partition takes to move to another
-    /// instance and restore.
+    /// Give it at least the longest a poll batch's handlers run plus the
+    /// time a partition takes to move to another instance and restore; at
+    /// least [`MIN_CLAIM_LEASE`].
     pub fn claim_lease(mut self, lease: Duration) -> Self {
         self.claim_lease = lease;
         self
@@ -86,9 +105,17 @@ impl IdempotentConsumer {
     /// survive a process crash; to survive a power cut as well, open the
     /// store with `Durability::Sync`. See `docs/kafka.md`, "Claim mode".
     ///
-    /// A handler error releases the claims of its message and of the
-    /// messages after it in the partition, which are delivered again as
-    /// new by the next poll.
+    /// A handler error releases the claims made in this poll on its message
+    /// and on the messages after it in the partition (and in the partitions
+    /// not handled after it), which are delivered again as new; a claim
+    /// taken over in doubt stays, and its message is delivered in doubt
+    /// again. The handler must not mark or claim the message's own key in
+    /// `batch` (the loop confirms it): that fails the partition's batch
+    /// with [`Error::ClaimLost`].
+    ///
+    /// Errors: [`Error::InvalidOptions`] (as [`ConsumeError::Store`]) if
+    /// the claim lease is shorter than [`MIN_CLAIM_LEASE`]; otherwise as
+    /// [`poll_batch`](Self::poll_batch).
     pub fn poll_batch_claimed<E, H>(
         &mut self,
         timeout: Duration,
@@ -97,6 +124,14 @@ impl IdempotentConsumer {
     where
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, Delivery, &mut Batch<'_>) -> Result<(), E>,
     {
+        if self.claim_lease < MIN_CLAIM_LEASE {
+            return Err(ConsumeError::Store(Error::InvalidOptions(format!(
+                "claim_lease {:?} is shorter than {MIN_CLAIM_LEASE:?}: a claim must outlast \
+                 the handlers of its poll batch, or a processor that dies after a side \
+                 effect leaves its key new instead of in doubt",
+                self.claim_lease
+            ))));
+        }
         let mut report = PollReport::default();
         self.before_poll(&mut report)?;
         let messages = self.poll_checked(timeout, &mut report)?;
@@ -160,7 +195,7 @@ impl IdempotentConsumer {
             } else {
                 self.confirm_partition(&p, msgs, c, &mut handler, &mut report)
             };
-            stop = result.outcome.is_err();
+            stop = stop || result.outcome.is_err();
             results.push((p, result));
         }
         drop(grouped);
@@ -262,7 +297,7 @@ impl IdempotentConsumer {
             if self.changelog.is_some() {
                 batch.record_changes(start);
             }
-            for (_, token, _) in claimed.items.iter().filter_map(|i| i.claim.as_ref()) {
+            for token in claimed.items.iter().filter_map(Item::new_claim) {
                 batch.release(token)?;
             }
             batch.commit_published()
@@ -320,11 +355,10 @@ impl IdempotentConsumer {
                 // Not applied: this message and the ones after it are
                 // delivered again, as new.
                 let rest: Vec<Item<'_, '_>> = items.by_ref().collect();
-                let release = item
-                    .claim
-                    .iter()
-                    .chain(rest.iter().filter_map(|i| i.claim.as_ref()))
-                    .try_for_each(|(_, token, _)| batch.release(token));
+                let release = std::iter::once(&item)
+                    .chain(rest.iter())
+                    .filter_map(Item::new_claim)
+                    .try_for_each(|token| batch.release(token));
                 if let Err(e) = release {
                     return PartitionResult::failed(e.into(), start);
                 }

@@ -67,7 +67,7 @@ pub use rdkafka;
 pub use changelog::{
     changelog_topic, Changelog, Deliveries, ProgressFn, RestoreProgress, PROGRESS_KEY,
 };
-pub use claimed::{Delivery, DEFAULT_CLAIM_LEASE};
+pub use claimed::{Delivery, DEFAULT_CLAIM_LEASE, MIN_CLAIM_LEASE};
 pub use consumer::{IdempotentConsumer, KafkaCommit, PollReport};
 pub use context::{resume_offset, DedupConsumer, DedupContext};
 pub use error::ConsumeError;
