@@ -286,3 +286,21 @@ fn a_failed_handler_releases_its_claims_and_a_key_twice_in_a_batch_is_handled_on
         "{deliveries:?}"
     );
 }
+
+#[test]
+fn a_claim_lease_too_short_to_outlast_the_handlers_is_refused() {
+    let (_cluster, servers) = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Instance::start(&servers, dir.path(), "a", false);
+    let Instance { consumer, store } = a;
+    let mut consumer = consumer.claim_lease(Duration::from_millis(10));
+    let result = consumer.poll_batch_claimed(Duration::ZERO, |_, _, _, _| {
+        Ok::<(), std::convert::Infallible>(())
+    });
+    assert!(
+        matches!(&result, Err(ConsumeError::Store(exactly::Error::InvalidOptions(m))) if m.contains("claim_lease")),
+        "{result:?}"
+    );
+    drop(consumer);
+    drop(store);
+}
