@@ -15,22 +15,13 @@ use std::time::Duration;
 
 use rdkafka::message::{BorrowedMessage, Message};
 
-use super::consumer::{by_partition, IdempotentConsumer, PartitionResult, PollReport};
+use super::consumer::{IdempotentConsumer, PollReport};
 use super::error::ConsumeError;
 use super::keys::MissingKey;
+use super::poll::{by_partition, PartitionResult, MIN_CLAIM_LEASE};
 use super::publish::ToPublish;
 use crate::batch::{Batch, Taken};
 use crate::{ClaimToken, Error, Partition};
-
-/// The lease of the claims the claim mode makes, unless set with
-/// [`IdempotentConsumer::claim_lease`]: a day. The loop settles every claim
-/// it makes before it returns, so the lease only matters for a processor
-/// that stopped: until it runs out, the key is delivered in doubt; after,
-/// as new.
-pub const DEFAULT_CLAIM_LEASE: Duration = Duration::from_secs(24 * 3600);
-
-/// The shortest [`IdempotentConsumer::claim_lease`] the claim mode takes.
-pub const MIN_CLAIM_LEASE: Duration = Duration::from_secs(1);
 
 /// How a message reaches the handler of
 /// [`IdempotentConsumer::poll_batch_claimed`].

@@ -1,6 +1,5 @@
 //! The idempotent poll loop.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -14,8 +13,9 @@ use super::changelog::Changelog;
 use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
 use super::error::ConsumeError;
 use super::keys::{KeySource, MissingKey};
+use super::poll::{by_partition, PartitionResult, DEFAULT_CLAIM_LEASE};
 use super::publish::{ChangelogState, Restores, ToPublish};
-use crate::batch::{Batch, Published};
+use crate::batch::Batch;
 use crate::{Error, Partition};
 
 /// When the poll loop commits offsets to Kafka. Kafka commits always follow
@@ -114,7 +114,7 @@ impl IdempotentConsumer {
             kafka_commit: KafkaCommit::default(),
             unrewound: Mutex::new(Vec::new()),
             changelog: None,
-            claim_lease: super::claimed::DEFAULT_CLAIM_LEASE,
+            claim_lease: DEFAULT_CLAIM_LEASE,
         }
     }
 
@@ -561,57 +561,4 @@ impl IdempotentConsumer {
         }
         Ok(())
     }
-}
-
-/// The outcome of one partition's share of a poll batch.
-pub(super) struct PartitionResult<E> {
-    /// Whether its messages were processed at all (not after an earlier
-    /// partition's error).
-    pub(super) ran: bool,
-    /// The offset committed to the store, if the batch was committed.
-    pub(super) committed: Option<i64>,
-    /// The outbox entry the commit left (changelog mode).
-    pub(super) published: Option<Published>,
-    /// Where the partition should resume when `outcome` is an error (or it
-    /// did not run).
-    pub(super) resume_at: i64,
-    pub(super) outcome: Result<(), ConsumeError<E>>,
-}
-
-impl<E> PartitionResult<E> {
-    /// A partition left for the next poll after an earlier one failed.
-    pub(super) fn not_run(msgs: &[&BorrowedMessage<'_>]) -> Self {
-        Self {
-            ran: false,
-            committed: None,
-            published: None,
-            resume_at: msgs.first().map_or(0, |m| m.offset()),
-            outcome: Ok(()),
-        }
-    }
-
-    /// A partition whose store batch could not be opened or committed.
-    pub(super) fn failed(e: ConsumeError<E>, resume_at: i64) -> Self {
-        Self {
-            ran: true,
-            committed: None,
-            published: None,
-            resume_at,
-            outcome: Err(e),
-        }
-    }
-}
-
-/// A poll batch's messages by partition, in offset order.
-pub(super) fn by_partition<'a, 'm>(
-    messages: &'a [BorrowedMessage<'m>],
-) -> BTreeMap<Partition, Vec<&'a BorrowedMessage<'m>>> {
-    let mut by_partition: BTreeMap<Partition, Vec<&BorrowedMessage<'m>>> = BTreeMap::new();
-    for m in messages {
-        by_partition
-            .entry(Partition::new(m.topic(), m.partition()))
-            .or_default()
-            .push(m);
-    }
-    by_partition
 }

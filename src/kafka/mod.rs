@@ -47,8 +47,11 @@
 //!
 //! One file per concept: `group` (the shared store and who owns which
 //! shard), `context` (the rebalance callbacks and the resume rule), `keys`
-//! (where a message's key comes from), `consumer` (the poll loop) and
-//! `error`. Dependencies point one way: consumer → context → group.
+//! (where a message's key comes from), `consumer` (the poll loop),
+//! `claimed` (its claim mode), `poll` (what the two share), `publish`,
+//! `restore` and `changelog` (changelog mode) and `error`. Dependencies
+//! point one way: claimed → consumer → publish → restore, changelog;
+//! consumer → context → group; both loops → poll.
 
 mod changelog;
 mod claimed;
@@ -57,6 +60,7 @@ mod context;
 mod error;
 mod group;
 mod keys;
+mod poll;
 mod publish;
 mod restore;
 
@@ -67,9 +71,10 @@ pub use rdkafka;
 pub use changelog::{
     changelog_topic, Changelog, Deliveries, ProgressFn, RestoreProgress, PROGRESS_KEY,
 };
-pub use claimed::{Delivery, DEFAULT_CLAIM_LEASE, MIN_CLAIM_LEASE};
+pub use claimed::Delivery;
 pub use consumer::{IdempotentConsumer, KafkaCommit, PollReport};
 pub use context::{resume_offset, DedupConsumer, DedupContext};
 pub use error::ConsumeError;
 pub use group::GroupStore;
 pub use keys::{KeyFn, KeySource, MissingKey};
+pub use poll::{DEFAULT_CLAIM_LEASE, MIN_CLAIM_LEASE};
