@@ -204,14 +204,7 @@ impl IdempotentConsumer {
         report: &mut PollReport,
     ) -> Result<(Claimed<'a, 'm, E>, Option<crate::batch::Published>), ConsumeError<E>> {
         let start = msgs.first().map_or(0, |m| m.offset());
-        let store = self.context().store();
-        let mut batch = store.batch(p)?;
-        if let Some(epoch) = self.context().epoch(p) {
-            batch.fence(epoch);
-        }
-        if self.changelog.is_some() {
-            batch.record_changes(start);
-        }
+        let mut batch = self.open_batch(p, start)?;
         let mut claimed = Claimed {
             items: Vec::new(),
             end: start,
@@ -281,13 +274,7 @@ impl IdempotentConsumer {
     ) -> PartitionResult<E> {
         let start = msgs.first().map_or(0, |m| m.offset());
         let released = (|| -> crate::Result<Option<crate::batch::Published>> {
-            let mut batch = self.context().store().batch(p)?;
-            if let Some(epoch) = self.context().epoch(p) {
-                batch.fence(epoch);
-            }
-            if self.changelog.is_some() {
-                batch.record_changes(start);
-            }
+            let mut batch = self.open_batch(p, start)?;
             for token in claimed.items.iter().filter_map(Item::new_claim) {
                 batch.release(token)?;
             }
@@ -317,17 +304,10 @@ impl IdempotentConsumer {
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, Delivery, &mut Batch<'_>) -> Result<(), E>,
     {
         let start = msgs.first().map_or(0, |m| m.offset());
-        let store = self.context().store();
-        let mut batch = match store.batch(p) {
+        let mut batch = match self.open_batch(p, start) {
             Ok(b) => b,
             Err(e) => return PartitionResult::failed(e.into(), start),
         };
-        if let Some(epoch) = self.context().epoch(p) {
-            batch.fence(epoch);
-        }
-        if self.changelog.is_some() {
-            batch.record_changes(start);
-        }
         let Claimed {
             items,
             mut end,
@@ -372,23 +352,6 @@ impl IdempotentConsumer {
             report.processed += 1;
         }
         report.messages += msgs.iter().take_while(|m| m.offset() < end).count();
-        let committed = match store.committed_offset(p) {
-            Ok(c) => c,
-            Err(e) => return PartitionResult::failed(e.into(), start),
-        };
-        let offset = committed.map_or(end, |c| c.max(end));
-        batch.set_offset(offset);
-        let published = match batch.commit_published() {
-            Ok(published) => published,
-            Err(e) => return PartitionResult::failed(e.into(), start),
-        };
-        self.context().may_hand_over(p);
-        PartitionResult {
-            ran: true,
-            committed: Some(offset),
-            published,
-            resume_at: offset,
-            outcome: error.map_or(Ok(()), Err),
-        }
+        self.commit_partition(p, batch, start, end, error)
     }
 }

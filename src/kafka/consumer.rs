@@ -412,20 +412,10 @@ impl IdempotentConsumer {
         H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
     {
         let start = msgs.first().map_or(0, |m| m.offset());
-        let fail = PartitionResult::failed;
-        let store = self.context().store();
-        let mut batch = match store.batch(p) {
+        let mut batch = match self.open_batch(p, start) {
             Ok(b) => b,
-            Err(e) => return fail(e.into(), start),
+            Err(e) => return PartitionResult::failed(e.into(), start),
         };
-        // A consumer that lost the partition to a newer generation commits nothing.
-        if let Some(epoch) = self.context().epoch(p) {
-            batch.fence(epoch);
-        }
-        if self.changelog.is_some() {
-            batch.record_changes(start);
-        }
-
         let mut next = start;
         let mut error = None;
         for m in msgs {
@@ -436,18 +426,45 @@ impl IdempotentConsumer {
             next = m.offset() + 1;
             report.messages += 1;
         }
+        self.commit_partition(p, batch, start, next, error)
+    }
 
-        // The offset only moves forward: another consumer of this store may
-        // have committed a later one (everything before it is processed).
-        let committed = match store.committed_offset(p) {
+    /// Opens `p`'s store batch for a poll batch starting at input offset
+    /// `start`: fenced at the epoch the shard was assigned with (a consumer
+    /// that lost the partition to a newer generation commits nothing), and
+    /// recording its changes in changelog mode.
+    pub(super) fn open_batch(&self, p: &Partition, start: i64) -> crate::Result<Batch<'_>> {
+        let mut batch = self.context().store().batch(p)?;
+        if let Some(epoch) = self.context().epoch(p) {
+            batch.fence(epoch);
+        }
+        if self.changelog.is_some() {
+            batch.record_changes(start);
+        }
+        Ok(batch)
+    }
+
+    /// Commits a partition's batch with the offset `next` (the message after
+    /// the last one processed), or the store's, if later: another consumer
+    /// of this store may have committed a later one, and everything before
+    /// it is processed. `error` is what stopped the partition at `next`.
+    pub(super) fn commit_partition<E>(
+        &self,
+        p: &Partition,
+        mut batch: Batch<'_>,
+        start: i64,
+        next: i64,
+        error: Option<ConsumeError<E>>,
+    ) -> PartitionResult<E> {
+        let committed = match self.context().store().committed_offset(p) {
             Ok(c) => c,
-            Err(e) => return fail(e.into(), start),
+            Err(e) => return PartitionResult::failed(e.into(), start),
         };
         let offset = committed.map_or(next, |c| c.max(next));
         batch.set_offset(offset);
         let published = match batch.commit_published() {
             Ok(published) => published,
-            Err(e) => return fail(e.into(), start),
+            Err(e) => return PartitionResult::failed(e.into(), start),
         };
         // The batch started at the consumer's position, which is at or past
         // the group's committed offset: so is the store's offset now.
