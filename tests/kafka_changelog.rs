@@ -198,9 +198,16 @@ fn a_batch_whose_transaction_failed_is_published_from_the_outbox_after_a_restart
     cluster.clear_request_errors(RDKafkaApiKey::EndTxn);
 
     // The restarted instance publishes what its outbox holds before it
-    // processes anything, and processes nothing twice.
+    // processes anything, and processes nothing twice. Its store's offsets
+    // are at the ends already: poll until every partition was assigned and
+    // restored (the outbox is settled right after).
     let mut a = Instance::start(&servers, dirs.0.path(), "a", true);
-    a.run_to(&ends, &sink);
+    let started = Instant::now();
+    let mut restored = a.run_to(&ends, &sink);
+    while restored.len() < PARTITIONS as usize {
+        restored.extend(a.run_to(&ends, &sink));
+        assert!(started.elapsed() < DEADLINE, "restored only {restored:?}");
+    }
     let published: usize = (0..PARTITIONS)
         .map(|p| read_all(&servers, &changelog_topic(GROUP, TOPIC), p).len())
         .sum();

@@ -187,6 +187,15 @@ impl Changelog {
         config
             .set("transactional.id", format!("{group}.{instance}.exactly"))
             .set("enable.idempotence", "true");
+        // A transaction's records are all queued before it waits for their
+        // delivery, so lingering only delays the commit: no linger unless the
+        // client sets one. Measured with `examples/kafka_modes` (40 000
+        // messages, mock cluster, one run each): 51 504 against 40 462
+        // msgs/s for the changelog mode, 31 617 against 20 475 for the
+        // claim mode, with librdkafka's default of 5 ms.
+        if config.get("linger.ms").is_none() && config.get("queue.buffering.max.ms").is_none() {
+            config.set("linger.ms", "0");
+        }
         let producer: BaseProducer<Deliveries> =
             config.create_with_context(Deliveries::default())?;
         producer.init_transactions(timeout)?;
@@ -356,13 +365,40 @@ impl Changelog {
             self.producer
                 .send_offsets_to_transaction(offsets, group, left)?;
         }
-        self.producer
-            .flush(self.timeout.saturating_sub(started.elapsed()))?;
+        self.await_deliveries(started)?;
         if let Some(e) = self.producer.context().failed.lock().take() {
             return Err(e);
         }
         self.producer
             .commit_transaction(self.timeout.saturating_sub(started.elapsed()))
+    }
+
+    /// Waits until every record of the transaction is delivered and its
+    /// report served (so that the positions and failures are known), or
+    /// the changelog's timeout from `started` runs out.
+    ///
+    /// Not `flush`: rdkafka's `BaseProducer::flush` polls in steps of
+    /// 100 ms that each wait out their whole step, so every transaction took
+    /// at least 100 ms (measured with `examples/kafka_modes` on the mock
+    /// cluster: 100.1 ms of a 105 ms poll batch, every batch).
+    fn await_deliveries(&self, started: Instant) -> KafkaResult<()> {
+        loop {
+            // One queued delivery report per call: serve all that are there.
+            while self.producer.in_flight_count() > 0 {
+                let before = self.producer.in_flight_count();
+                self.producer.poll(Duration::ZERO);
+                if self.producer.in_flight_count() == before {
+                    break;
+                }
+            }
+            if self.producer.in_flight_count() == 0 {
+                return Ok(());
+            }
+            if started.elapsed() >= self.timeout {
+                return Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
     }
 
     /// Queues a record for `topic` (on `partition`, or the partitioner's
