@@ -253,7 +253,7 @@ impl Store {
 
     /// Checks `key` and marks it if it is new, atomically: of several callers
     /// racing on one key, exactly one gets [`Verdict::New`]. A key with a live
-    /// mark keeps its original expiry (unless [`TtlRefresh::OnDuplicate`]);
+    /// mark keeps its original expiry (unless [`TtlRefresh::OnDuplicate`](crate::TtlRefresh::OnDuplicate));
     /// a key with a live claim is a duplicate.
     pub fn check_and_mark(&self, partition: &Partition, key: &[u8]) -> Result<Verdict> {
         // Bad input is reported before the partition is looked at.

@@ -74,7 +74,7 @@ struct Claimed<'a, 'm, E> {
 
 impl IdempotentConsumer {
     /// The lease of the claims [`poll_batch_claimed`](Self::poll_batch_claimed)
-    /// makes (default [`DEFAULT_CLAIM_LEASE`]): how long a key whose
+    /// makes (default [`DEFAULT_CLAIM_LEASE`](super::DEFAULT_CLAIM_LEASE)): how long a key whose
     /// processor stopped between claim and confirm is delivered in doubt.
     /// Give it at least the longest a poll batch's handlers run plus the
     /// time a partition takes to move to another instance and restore; at

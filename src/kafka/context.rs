@@ -74,7 +74,7 @@ pub(super) enum RebalanceFailure {
 ///
 /// Create one per consumer with [`DedupContext::new`] and pass it to
 /// `ClientConfig::create_with_context`. Set `enable.auto.commit=false`:
-/// offsets are committed by [`IdempotentConsumer`] after the store commit.
+/// offsets are committed by [`IdempotentConsumer`](super::IdempotentConsumer) after the store commit.
 ///
 /// * **Assignment:** each partition's shard is assigned (with the group
 ///   generation as epoch once available), and the partition is positioned at
@@ -88,7 +88,7 @@ pub(super) enum RebalanceFailure {
 ///   moves the group's offset back.
 ///
 /// A store error during a rebalance cannot be returned from the callback;
-/// the next [`IdempotentConsumer::poll_batch`] returns it before processing
+/// the next [`IdempotentConsumer::poll_batch`](super::IdempotentConsumer::poll_batch) returns it before processing
 /// anything.
 #[derive(Debug)]
 pub struct DedupContext {

@@ -7,7 +7,7 @@ use crate::{Error, Partition};
 /// An error of the poll loop. After any error, the messages processed so
 /// far are committed (store and Kafka) and the consumer is positioned at
 /// the first message not processed, so calling
-/// [`IdempotentConsumer::poll_batch`] again retries it.
+/// [`IdempotentConsumer::poll_batch`](super::IdempotentConsumer::poll_batch) again retries it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError<E> {
     /// The handler failed on a message.
@@ -23,7 +23,7 @@ pub enum ConsumeError<E> {
     },
     /// A message has no idempotency key the store can take (none, empty, or
     /// longer than the store's `max_key_len`) and the policy is
-    /// [`MissingKey::Fail`].
+    /// [`MissingKey::Fail`](super::MissingKey::Fail).
     #[error(
         "message at {partition} offset {offset} has no usable idempotency key \
          (none, empty, or longer than the store's max_key_len)"

@@ -68,7 +68,7 @@ pub enum MissingKey {
     Process,
     /// Skip the message without calling the handler.
     Skip,
-    /// Stop with [`ConsumeError::MissingKey`] (the default). The messages
+    /// Stop with [`ConsumeError::MissingKey`](super::ConsumeError::MissingKey) (the default). The messages
     /// before it are committed; the consumer is positioned at it.
     #[default]
     Fail,

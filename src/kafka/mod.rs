@@ -1,7 +1,7 @@
 //! Kafka integration (feature `kafka`): a rebalance-aware consumer context
 //! and an idempotent poll loop over [`rdkafka`]'s synchronous `BaseConsumer`.
 //!
-//! * [`GroupStore`] wraps the [`Store`] shared by the consumers of one
+//! * [`GroupStore`] wraps the [`Store`](crate::Store) shared by the consumers of one
 //!   consumer group in this process (one or several consumer threads), and
 //!   records which consumer owns which partition's shard.
 //! * [`DedupContext`] is the consumer's rdkafka context. On assignment it
