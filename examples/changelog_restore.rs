@@ -2,13 +2,14 @@
 //! on another instance (an empty store), on librdkafka's mock cluster.
 //!
 //! ```text
-//! cargo run --release --features kafka --example changelog_restore -- [MARKS]
+//! cargo run --release --features kafka --example changelog_restore -- [MARKS [BROKERS]]
 //! ```
 //!
 //! librdkafka's mock cluster keeps at most 5 MB (or 100 000 message sets)
 //! per partition and drops the oldest beyond that, so the default, 140 000
 //! marks, is about what one mock partition holds; a larger restore needs a
-//! real broker.
+//! real broker: give its bootstrap servers as BROKERS (the topics are
+//! created there, named after a group of this run's own).
 //!
 //! The changelog is written as the changelog loop writes it (a stored key
 //! and a 9-byte entry per mark, and a progress record), straight to the
@@ -18,6 +19,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use exactly::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use exactly::kafka::rdkafka::client::DefaultClientContext;
 use exactly::kafka::rdkafka::config::ClientConfig;
 use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -30,7 +33,6 @@ use exactly::kafka::{
 use exactly::{Options, Partition, Store, Verdict};
 
 const TOPIC: &str = "orders";
-const GROUP: &str = "restore-bench";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let marks: u64 = std::env::args()
@@ -38,13 +40,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(140_000);
-    let cluster = MockCluster::new(1)?;
-    cluster.create_topic(TOPIC, 1, 1)?;
-    let changelog = changelog_topic(GROUP, TOPIC);
-    cluster.create_topic(&changelog, 1, 1)?;
-    let servers = cluster.bootstrap_servers();
+    let brokers = std::env::args().nth(2);
+    // On a real broker the topics outlive the run: a group of its own.
+    let group = match &brokers {
+        None => "restore-bench".to_string(),
+        Some(_) => format!("restore-bench-{}-{}", std::process::id(), now_ms()),
+    };
+    let group = group.as_str();
+    let changelog = changelog_topic(group, TOPIC);
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &servers);
+    let _cluster = match &brokers {
+        None => {
+            let cluster = MockCluster::new(1)?;
+            cluster.create_topic(TOPIC, 1, 1)?;
+            cluster.create_topic(&changelog, 1, 1)?;
+            client.set("bootstrap.servers", cluster.bootstrap_servers());
+            Some(cluster)
+        }
+        Some(servers) => {
+            client.set("bootstrap.servers", servers);
+            let admin: AdminClient<DefaultClientContext> = client.create()?;
+            let topics = [
+                NewTopic::new(TOPIC, 1, TopicReplication::Fixed(1)),
+                NewTopic::new(&changelog, 1, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+            ];
+            let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+            for result in pollster::block_on(admin.create_topics(&topics, &options))? {
+                match result {
+                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((topic, e)) => return Err(format!("creating {topic}: {e}").into()),
+                }
+            }
+            None
+        }
+    };
 
     let expires_at = now_ms() + 7 * 24 * 3600 * 1000;
     let mut value = vec![1u8];
@@ -90,17 +120,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dir = tempfile::tempdir()?;
     let store = Arc::new(Store::open(dir.path(), Options::default())?);
-    let group = GroupStore::new(store.clone());
+    let group_store = GroupStore::new(store.clone());
     let consumer: BaseConsumer<DedupContext> = client
         .clone()
-        .set("group.id", GROUP)
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
-        .create_with_context(DedupContext::new(&group))?;
+        .create_with_context(DedupContext::new(&group_store))?;
     consumer.subscribe(&[TOPIC])?;
     let log = Changelog::new(
         &client,
-        GROUP,
+        group,
         "restorer",
         Duration::from_secs(8 * 24 * 3600),
         Duration::from_secs(30),
@@ -142,7 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     assert_eq!(
         store.check(&p, b"key-000000000000")?,
         Verdict::Duplicate,
-        "the mock cluster dropped records: fewer marks"
+        "the broker dropped changelog records: fewer marks"
     );
     assert_eq!(store.check(&p, b"never-marked")?, Verdict::New);
     Ok(())
