@@ -125,7 +125,7 @@ pub(crate) fn check_before_open(
         None => Ledger::default(),
     };
     ledger.check_manifest(path)?;
-    let cut = crate::wal::cut_torn_tail(path)?;
+    let cut = crate::wal::cut_torn_tail(path, ledger.sequence)?;
     Ok((ledger, cut))
 }
 

@@ -8,7 +8,7 @@
 //! the same record again, so `DB::open` never returns. Garbage appended to a
 //! log, or a flipped type byte, is enough.
 //!
-//! [`find_reader_loop`] walks a log's physical records exactly as RocksDB's
+//! [`walk`] walks a log's physical records exactly as RocksDB's
 //! `log::Reader` consumes them (32 KiB blocks, 7- or 11-byte headers,
 //! masked CRC32C over type and payload, the rest of a block dropped after a
 //! bad length or checksum) and returns the offset of the first record that
@@ -49,10 +49,39 @@ fn unmask(masked: u32) -> u32 {
 /// The byte offset of the first record in `log` on which RocksDB's reader
 /// would loop forever, or `None` if it reads the whole log (whatever damage
 /// it reports along the way).
+#[cfg(test)]
 pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
+    walk(log).trap
+}
+
+/// What [`walk`] found in a log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Walk {
+    /// Where the first record that traps the reader starts.
+    pub(crate) trap: Option<usize>,
+    /// The last sequence number of the complete write batches read before
+    /// it (or in the whole log): what recovery replays from this log.
+    pub(crate) last_sequence: Option<u64>,
+}
+
+/// The first sequence number and the count of a write batch, from the
+/// start of its payload (RocksDB's 12-byte batch header: fixed64 sequence,
+/// fixed32 count, little-endian).
+fn batch_sequences(payload: &[u8]) -> Option<u64> {
+    let sequence = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+    let count = u32::from_le_bytes(payload.get(8..12)?.try_into().ok()?);
+    Some(sequence.saturating_add(u64::from(count)).saturating_sub(1))
+}
+
+/// Walks `log`'s physical records as RocksDB's reader consumes them; see
+/// the module documentation.
+pub(crate) fn walk(log: &[u8]) -> Walk {
+    let mut found = Walk::default();
     let mut first_record_read = false;
     let mut recycled = false;
     let mut in_fragment = false;
+    // The last sequence of a batch whose first fragment was read.
+    let mut pending: Option<u64> = None;
     for (index, block) in log.chunks(BLOCK_SIZE).enumerate() {
         let base = index * BLOCK_SIZE;
         let mut pos = 0;
@@ -64,7 +93,8 @@ pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
             let mut header_size = HEADER_SIZE;
             if is_recyclable(kind) {
                 if first_record_read && !recycled {
-                    return Some(base + pos);
+                    found.trap = Some(base + pos);
+                    return found;
                 }
                 recycled = true;
                 header_size = RECYCLABLE_HEADER_SIZE;
@@ -82,22 +112,30 @@ pub(crate) fn find_reader_loop(log: &[u8]) -> Option<usize> {
             if crc32c::crc32c(covered) != expected {
                 break;
             }
+            let payload = header
+                .get(header_size..header_size + length)
+                .unwrap_or_default();
             pos += header_size + length;
             match kind {
                 FULL_TYPE | RECYCLABLE_FULL_TYPE => {
                     first_record_read = true;
                     in_fragment = false;
+                    found.last_sequence = batch_sequences(payload).or(found.last_sequence);
                 }
-                FIRST_TYPE | RECYCLABLE_FIRST_TYPE => in_fragment = true,
+                FIRST_TYPE | RECYCLABLE_FIRST_TYPE => {
+                    in_fragment = true;
+                    pending = batch_sequences(payload);
+                }
                 LAST_TYPE | RECYCLABLE_LAST_TYPE if in_fragment => {
                     first_record_read = true;
                     in_fragment = false;
+                    found.last_sequence = pending.take().or(found.last_sequence);
                 }
                 _ => {}
             }
         }
     }
-    None
+    found
 }
 
 /// A record that would trap RocksDB's log reader, found by the pre-flight.
@@ -112,6 +150,9 @@ pub(crate) struct Trap {
     /// Whether the file is the newest write-ahead log: the only one of
     /// RocksDB's files that may end in bytes that were never synced.
     pub(crate) newest_log: bool,
+    /// The last sequence number recovery would replay from the file if it
+    /// were cut at the trap.
+    pub(crate) last_sequence: Option<u64>,
 }
 
 impl Trap {
@@ -183,12 +224,14 @@ pub(crate) fn find_traps(dir: &Path) -> Result<Vec<Trap>> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io(path, e)),
         };
-        if let Some(at) = find_reader_loop(&log) {
+        let found = walk(&log);
+        if let Some(at) = found.trap {
             traps.push(Trap {
                 name,
                 at,
                 len: log.len(),
                 newest_log,
+                last_sequence: found.last_sequence,
             });
         }
     }
@@ -219,11 +262,12 @@ pub(crate) fn check_logs(dir: &Path) -> Result<()> {
 /// recovery RocksDB stops replaying at the first bad record of that log, so
 /// the log is cut where the trap begins: recovery then ends exactly where it
 /// would have ended had the reader not looped. The bytes cut are first kept
-/// in `<log>.torn-<offset>` beside it (RocksDB ignores the name). Whether
-/// the cut lost anything that was durable is then the durability ledger's
-/// to judge, as for any other damage to the log: the caller adds the
-/// returned [`CutTail`] to the ledger's error.
-pub(crate) fn cut_torn_tail(dir: &Path) -> Result<Option<CutTail>> {
+/// in `<log>.torn-<offset>` beside it (RocksDB ignores the name). Unless
+/// the batches before the trap end below `durable_sequence` (the ledger's):
+/// then the trap is in synced bytes, and the log is refused untouched. The
+/// ledger still judges what recovery read back; the caller adds the
+/// returned [`CutTail`] to its error.
+pub(crate) fn cut_torn_tail(dir: &Path, durable_sequence: u64) -> Result<Option<CutTail>> {
     let traps = find_traps(dir)?;
     if let Some(trap) = traps.iter().find(|t| !t.newest_log) {
         return Err(trap.corruption());
@@ -231,6 +275,13 @@ pub(crate) fn cut_torn_tail(dir: &Path) -> Result<Option<CutTail>> {
     let Some(trap) = traps.into_iter().next() else {
         return Ok(None);
     };
+    // The newest log holds every write since it was created, in sequence
+    // order: if what precedes the trap ends below the durable sequence, the
+    // durable writes are after it, so the trap sits in synced bytes. That
+    // is damage, not a torn tail: refused before anything is changed.
+    if trap.last_sequence.unwrap_or(0) < durable_sequence {
+        return Err(trap.corruption());
+    }
     let path = dir.join(&trap.name);
     let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
     let tail = bytes.get(trap.at..).unwrap_or_default();
@@ -353,7 +404,7 @@ mod tests {
         let (log, at) = trapped_log();
         let healthy = record(FULL_TYPE, b"older");
         let dir = dir_with(&[("000007.log", &healthy), ("000009.log", &log)]);
-        let cut = cut_torn_tail(dir.path()).unwrap().expect("a cut");
+        let cut = cut_torn_tail(dir.path(), 0).unwrap().expect("a cut");
         assert_eq!(cut.log, "000009.log");
         assert_eq!(cut.at, at);
         let kept = fs::read(dir.path().join(&cut.kept)).unwrap();
@@ -361,7 +412,7 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("000009.log")).unwrap(), log[..at]);
         assert_eq!(fs::read(dir.path().join("000007.log")).unwrap(), healthy);
         // Nothing left to cut, and the health check agrees.
-        assert_eq!(cut_torn_tail(dir.path()).unwrap(), None);
+        assert_eq!(cut_torn_tail(dir.path(), 0).unwrap(), None);
         check_logs(dir.path()).unwrap();
     }
 
@@ -370,7 +421,7 @@ mod tests {
         let (log, at) = trapped_log();
         let healthy = record(FULL_TYPE, b"newer");
         let dir = dir_with(&[("000007.log", &log), ("000009.log", &healthy)]);
-        let e = cut_torn_tail(dir.path()).unwrap_err();
+        let e = cut_torn_tail(dir.path(), 0).unwrap_err();
         assert!(
             matches!(&e, Error::Corruption(m) if m.contains("000007.log") && m.contains(&format!("byte {at}"))),
             "{e:?}"
@@ -382,7 +433,7 @@ mod tests {
             ("MANIFEST-000005", &log),
             ("000009.log", &healthy),
         ]);
-        let e = cut_torn_tail(dir.path()).unwrap_err();
+        let e = cut_torn_tail(dir.path(), 0).unwrap_err();
         assert!(
             matches!(&e, Error::Corruption(m) if m.contains("MANIFEST-000005")),
             "{e:?}"
@@ -391,5 +442,61 @@ mod tests {
         // The health check reports a trap wherever it is.
         let dir = dir_with(&[("000009.log", &log)]);
         assert!(matches!(check_logs(dir.path()), Err(Error::Corruption(_))));
+    }
+
+    /// A write batch's payload: its header (first sequence, count) and a body.
+    fn batch(sequence: u64, count: u32) -> Vec<u8> {
+        let mut v = sequence.to_le_bytes().to_vec();
+        v.extend_from_slice(&count.to_le_bytes());
+        v.extend_from_slice(b"entries");
+        v
+    }
+
+    #[test]
+    fn the_walk_knows_the_last_sequence_replayed_before_the_trap() {
+        let mut log = record(FULL_TYPE, &batch(1, 3));
+        log.extend(record(FIRST_TYPE, &batch(4, 5)));
+        log.extend(record(LAST_TYPE, b"rest of the batch"));
+        let at = log.len();
+        // A batch whose last fragment never came does not count.
+        log.extend(record(FIRST_TYPE, &batch(9, 2)));
+        let whole = walk(&log);
+        assert_eq!(
+            whole,
+            Walk {
+                trap: None,
+                last_sequence: Some(8)
+            }
+        );
+        log.truncate(at);
+        log.extend_from_slice(&[11; 12]);
+        assert_eq!(
+            walk(&log),
+            Walk {
+                trap: Some(at),
+                last_sequence: Some(8)
+            }
+        );
+    }
+
+    #[test]
+    fn a_trap_before_durable_writes_is_refused_and_nothing_is_cut() {
+        let mut log = record(FULL_TYPE, &batch(10, 2));
+        log.extend_from_slice(&[11; 12]);
+        let dir = dir_with(&[("000009.log", &log)]);
+        // Writes up to 12 were durable: they lie past the trap.
+        let e = cut_torn_tail(dir.path(), 12).unwrap_err();
+        assert!(
+            matches!(&e, Error::Corruption(m) if m.contains("000009.log")),
+            "{e:?}"
+        );
+        assert_eq!(fs::read(dir.path().join("000009.log")).unwrap(), log);
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing kept aside"
+        );
+        // Up to 11: everything durable precedes the trap.
+        assert!(cut_torn_tail(dir.path(), 11).unwrap().is_some());
     }
 }

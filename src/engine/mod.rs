@@ -70,6 +70,8 @@ pub(crate) struct Engine {
     write_options: WriteOptions,
     /// State shared with each partition column family's compaction filter.
     cf_shared: Mutex<HashMap<String, Arc<CfShared>>>,
+    /// The torn tail the open cut from the newest write-ahead log, if any.
+    cut: Option<crate::wal::CutTail>,
 }
 
 impl Engine {
@@ -155,6 +157,7 @@ impl Engine {
             time,
             write_options,
             cf_shared: Mutex::new(cf_shared),
+            cut,
         })
     }
 
@@ -277,6 +280,12 @@ impl Engine {
                 Ok(None)
             }
         }
+    }
+
+    /// The torn tail this open cut from the newest write-ahead log, if any
+    /// (see [`crate::wal::cut_torn_tail`]).
+    pub(crate) fn cut_at_open(&self) -> Option<&crate::wal::CutTail> {
+        self.cut.as_ref()
     }
 
     /// The stored entry of `k`, live or not.
