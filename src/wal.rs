@@ -254,8 +254,11 @@ pub(crate) fn check_logs(dir: &Path) -> Result<()> {
 }
 
 /// Runs before RocksDB reads the store's logs. A trap in the `MANIFEST` or
-/// in an older write-ahead log is damage to bytes that were synced (RocksDB
-/// fsyncs both before it relies on them): [`Error::Corruption`].
+/// in an older write-ahead log is refused with [`Error::Corruption`]: the
+/// `MANIFEST` is synced before RocksDB relies on it, and an older log before
+/// the flush that retires it. (A power cut between a memtable switch and
+/// that flush can leave an older log's tail unsynced; that case stays
+/// refused, since cutting it would need the later logs set aside too.)
 ///
 /// A trap in the newest write-ahead log is what a power cut leaves when the
 /// unsynced tail of the log holds stale or torn bytes. Under point-in-time
