@@ -106,27 +106,10 @@ fn the_mock_cluster_implements_transactions_but_not_their_offsets_isolation_or_f
     );
 }
 
-/// Moves every partition from instance A to instance B (another store
-/// directory), then resends keys A processed: with the changelog B knows
-/// them; with local-only stores it applies them again.
+/// The move scenario on the mock cluster.
 fn move_and_resend(changelog: bool) -> (Sink, Vec<(Partition, u64)>) {
     let (_cluster, servers) = cluster();
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let sink = Sink::default();
-    let mut ends = HashMap::new();
-    produce(&servers, 0..120, &mut ends);
-
-    let mut a = Instance::start(&servers, dirs.0.path(), "a", changelog);
-    a.run_to(&ends, &sink);
-    a.stop();
-
-    // Resends of keys A processed, then new keys.
-    produce(&servers, (0..40).chain(120..160), &mut ends);
-    let mut b = Instance::start(&servers, dirs.1.path(), "b", changelog);
-    let restored = b.run_to(&ends, &sink);
-    b.stop();
-    assert_eq!(sink.count(), 160);
-    (sink, restored)
+    kafka_support::move_and_resend(&servers, changelog)
 }
 
 #[test]

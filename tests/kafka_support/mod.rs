@@ -241,3 +241,25 @@ pub fn read_all(servers: &str, topic: &str, partition: i32) -> Vec<(Vec<u8>, Opt
     }
     out
 }
+
+/// Instance A processes keys 0..120 and stops; then come resends of 40 keys
+/// A processed and 40 new ones, and instance B (another store directory)
+/// processes them, restoring A's marks first in changelog mode. Returns the
+/// sink and the partitions B restored, with the records read.
+pub fn move_and_resend(servers: &str, changelog: bool) -> (Sink, Vec<(Partition, u64)>) {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let sink = Sink::default();
+    let mut ends = HashMap::new();
+    produce(servers, 0..120, &mut ends);
+
+    let mut a = Instance::start(servers, dirs.0.path(), "a", changelog);
+    a.run_to(&ends, &sink);
+    a.stop();
+
+    produce(servers, (0..40).chain(120..160), &mut ends);
+    let mut b = Instance::start(servers, dirs.1.path(), "b", changelog);
+    let restored = b.run_to(&ends, &sink);
+    b.stop();
+    assert_eq!(sink.count(), 160);
+    (sink, restored)
+}
