@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rocksdb::{BlockBasedOptions, DBCompressionType, DBRecoveryMode};
+use tracing::{info, warn};
 
 use crate::clock::TimeKeeper;
 use crate::config::Options;
@@ -64,6 +65,7 @@ pub(crate) fn prepare_dir(path: &Path, options: &Options) -> Result<Prepared> {
         }
         None => {
             // Empty, or left by a creation that stopped before its manifest.
+            let mut leftovers = Vec::new();
             for entry in fs::read_dir(path).map_err(|e| Error::io(path, e))? {
                 let name = entry.map_err(|e| Error::io(path, e))?.file_name();
                 let name = name.to_string_lossy();
@@ -72,6 +74,15 @@ pub(crate) fn prepare_dir(path: &Path, options: &Options) -> Result<Prepared> {
                 if ![LEDGER_FILE, &ledger_tmp, &manifest_tmp].contains(&name.as_ref()) {
                     return Err(not_a_store());
                 }
+                leftovers.push(name.into_owned());
+            }
+            if leftovers.is_empty() {
+                info!("creating a new store");
+            } else {
+                warn!(
+                    leftovers = ?leftovers,
+                    "completing a creation that stopped before its manifest"
+                );
             }
             // The ledger first: a manifest that requires it is never alone.
             Ledger::default().write(path)?;
@@ -159,6 +170,10 @@ pub(crate) fn check_after_open(
         next.write(path)?;
     }
     if !manifest.ledger_required || manifest.claim_grace_ms.is_none() {
+        info!(
+            ledger_added = !manifest.ledger_required,
+            claim_grace_ms, "manifest upgraded: a ledger is required and the claim grace recorded"
+        );
         Manifest {
             ledger_required: true,
             claim_grace_ms: Some(claim_grace_ms),
@@ -201,6 +216,7 @@ pub(crate) fn partition_cf_options(
     options: &Options,
     claim_grace_ms: u64,
     shared: Arc<CfShared>,
+    cf_name: &str,
 ) -> rocksdb::Options {
     let mut o = rocksdb::Options::default();
     o.set_compression_type(DBCompressionType::Lz4);
@@ -221,6 +237,13 @@ pub(crate) fn partition_cf_options(
     table.set_bloom_filter(10.0, false);
     table.set_whole_key_filtering(true);
     o.set_block_based_table_factory(&table);
-    install_compaction_filter(&mut o, time, options.time_domain, claim_grace_ms, shared);
+    install_compaction_filter(
+        &mut o,
+        time,
+        options.time_domain,
+        claim_grace_ms,
+        shared,
+        cf_name,
+    );
     o
 }

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
+use tracing::{info, info_span};
 
 use crate::batch::{mark_ttl_millis, Batch};
 use crate::claim::{Claim, ClaimToken};
@@ -131,7 +132,8 @@ impl Store {
             // shard's write lock (another thread's batch may hold it and wait
             // for membership in turn, through `revoke`).
             drop(membership);
-            let Some(epoch) = epoch.filter(|&e| e != shard.epoch()) else {
+            let previous_epoch = shard.epoch();
+            let Some(epoch) = epoch.filter(|&e| e != previous_epoch) else {
                 return Ok(());
             };
             // The batch's commit checks the epoch again under the write lock,
@@ -139,7 +141,14 @@ impl Store {
             match self.batch(partition) {
                 Ok(mut batch) => {
                     batch.set_epoch(epoch);
-                    return batch.commit();
+                    batch.commit()?;
+                    info!(
+                        partition = %partition,
+                        epoch,
+                        previous_epoch,
+                        "assigned partition moved to a newer epoch"
+                    );
+                    return Ok(());
                 }
                 // Revoked (or revoked and assigned again) since it was looked
                 // up: assign it afresh.
@@ -159,8 +168,30 @@ impl Store {
         epoch: Option<u64>,
         _membership: &MembershipGuard<'_>,
     ) -> Result<()> {
+        let started = Instant::now();
+        // The snapshot load or rebuild logs inside this span.
+        let span = info_span!("assign", partition = %partition);
+        let _entered = span.enter();
         let (name, shared, init) = self.engine.load_partition(partition, epoch)?;
+        let (resume, claims) = (init.offset, init.claims.len());
         let shard = Arc::new(Shard::new(partition.clone(), name, init, shared));
+        info!(
+            partition = %partition,
+            // Where the consumer resumes, as far as the store knows.
+            resume = ?resume,
+            why = if resume.is_some() {
+                "the store's committed offset"
+            } else {
+                "no offset committed: the consumer's group offset or reset policy decides"
+            },
+            epoch = shard.epoch(),
+            changelog = ?shard.changelog_next(),
+            outbox = shard.outbox_next(),
+            filter = if shard.from_snapshot { "snapshot" } else { "rebuilt" },
+            claims,
+            elapsed_ms = started.elapsed().as_millis(),
+            "partition assigned"
+        );
         self.shards.write().insert(partition.clone(), shard);
         Ok(())
     }
@@ -183,6 +214,16 @@ impl Store {
         let mut writer = shard.lock_writer()?;
         writer.revoked = true;
         self.engine.save_snapshot(shard);
+        info!(
+            partition = %shard.partition,
+            // Where the next assign of the partition resumes.
+            resume = ?shard.committed_offset(),
+            epoch = shard.epoch(),
+            changelog = ?shard.changelog_next(),
+            // Whether the next assign loads the filter instead of scanning.
+            snapshot = shard.snapshot_key_live(),
+            "partition revoked"
+        );
         let _membership = self.membership.lock();
         let mut shards = self.shards.write();
         if shards
@@ -423,10 +464,13 @@ impl Store {
     /// acknowledged survives a power cut, and releases the directory lock.
     /// Dropping a store without `close` is safe too; it only skips the fsync.
     pub fn close(self) -> Result<()> {
-        for partition in self.assigned() {
-            self.revoke(&partition)?;
+        let partitions = self.assigned();
+        for partition in &partitions {
+            self.revoke(partition)?;
         }
-        self.sync()
+        self.sync()?;
+        info!(path = %self.path().display(), partitions = partitions.len(), "store closed");
+        Ok(())
     }
 
     /// The engine, with membership held and `partition` not assigned: for

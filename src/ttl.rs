@@ -12,6 +12,7 @@ use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilt
 use crate::clock::TimeKeeper;
 use crate::config::TimeDomain;
 use crate::layout::{Entry, MARK_TAG};
+use crate::Partition;
 
 impl Entry {
     /// Whether the entry must stay on disk: marks while live; claims for
@@ -76,19 +77,24 @@ pub(crate) struct CfShared {
 /// silently discarded.
 ///
 /// It is installed as a factory, which RocksDB owns, so that it lives exactly
-/// as long as the column family does.
+/// as long as the column family does. `cf_name` names the partition in the
+/// event each compaction logs at its end.
 pub(crate) fn install_compaction_filter(
     opts: &mut rocksdb::Options,
     time: Arc<TimeKeeper>,
     domain: TimeDomain,
     grace_ms: u64,
     shared: Arc<CfShared>,
+    cf_name: &str,
 ) {
+    let partition =
+        Partition::from_cf_name(cf_name).map_or_else(|| cf_name.into(), |p| p.to_string().into());
     opts.set_compaction_filter_factory(ExpiryFilterFactory {
         time,
         domain,
         grace_ms,
         shared,
+        partition,
     });
 }
 
@@ -99,12 +105,14 @@ struct ExpiryFilterFactory {
     /// whether compaction ran never changes what `confirm` answers.
     grace_ms: u64,
     shared: Arc<CfShared>,
+    /// The partition, as its events name it.
+    partition: Arc<str>,
 }
 
 impl CompactionFilterFactory for ExpiryFilterFactory {
     type Filter = ExpiryFilter;
 
-    fn create(&mut self, _context: CompactionFilterContext) -> ExpiryFilter {
+    fn create(&mut self, context: CompactionFilterContext) -> ExpiryFilter {
         // One reading per compaction: every entry is judged at the same time,
         // never later than the time the ledger recorded durably, nor past the
         // durable watermark.
@@ -116,6 +124,11 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
             clock_now,
             grace_ms: self.grace_ms,
             shared: self.shared.clone(),
+            partition: self.partition.clone(),
+            full: context.is_full_compaction,
+            manual: context.is_manual_compaction,
+            entries: 0,
+            dropped: 0,
         }
     }
 
@@ -124,11 +137,34 @@ impl CompactionFilterFactory for ExpiryFilterFactory {
     }
 }
 
+/// The filter of one compaction: RocksDB drops it when the compaction ends,
+/// which is when its result is logged.
 struct ExpiryFilter {
     partition_now: u64,
     clock_now: u64,
     grace_ms: u64,
     shared: Arc<CfShared>,
+    partition: Arc<str>,
+    full: bool,
+    manual: bool,
+    /// Marks and claims this compaction judged, and those it removed.
+    entries: u64,
+    dropped: u64,
+}
+
+impl Drop for ExpiryFilter {
+    fn drop(&mut self) {
+        // On RocksDB's background thread; once per compaction, not per key.
+        tracing::debug!(
+            partition = %self.partition,
+            entries = self.entries,
+            dropped = self.dropped,
+            full = self.full,
+            manual = self.manual,
+            partition_now = self.partition_now,
+            "compaction filtered the partition's marks"
+        );
+    }
 }
 
 impl CompactionFilter for ExpiryFilter {
@@ -136,11 +172,13 @@ impl CompactionFilter for ExpiryFilter {
         if key.first() != Some(&MARK_TAG) {
             return Decision::Keep;
         }
+        self.entries += 1;
         match Entry::decode(value) {
             Some(entry)
                 if !entry.is_retained(self.partition_now, self.clock_now, self.grace_ms) =>
             {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped += 1;
                 Decision::Remove
             }
             _ => Decision::Keep,

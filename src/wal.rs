@@ -299,6 +299,13 @@ pub(crate) fn cut_torn_tail(dir: &Path, durable_sequence: u64) -> Result<Option<
     log.set_len(trap.at as u64)
         .and_then(|()| log.sync_all())
         .map_err(|e| Error::io(&path, e))?;
+    tracing::warn!(
+        log = %trap.name,
+        at = trap.at,
+        cut_bytes = tail.len(),
+        kept = %kept,
+        "cut the torn tail of the newest write-ahead log before recovery"
+    );
     Ok(Some(CutTail {
         log: trap.name,
         at: trap.at,

@@ -138,6 +138,12 @@ impl Batch<'_> {
         }
         let current_epoch = self.fence.unwrap_or_else(|| shard.epoch());
         if token.epoch != current_epoch {
+            tracing::warn!(
+                partition = %shard.partition,
+                current = current_epoch,
+                attempted = token.epoch,
+                "fenced: a claim made under another epoch was refused"
+            );
             return Err(Error::Fenced {
                 partition: shard.partition.clone(),
                 current: current_epoch,

@@ -266,6 +266,12 @@ impl<'s> Batch<'s> {
         let current = shard.epoch();
         if let Some(epoch) = self.fence {
             if epoch != current {
+                tracing::warn!(
+                    partition = %shard.partition,
+                    current,
+                    attempted = epoch,
+                    "fenced: a batch of another epoch was refused"
+                );
                 return Err(Error::Fenced {
                     partition: shard.partition.clone(),
                     current,
@@ -431,7 +437,13 @@ impl<'s> Batch<'s> {
         // Best effort: the batch is committed whatever this does. If the
         // ledger cannot be written, compaction keeps judging expiry at the
         // last recorded time, and the next commit tries again.
-        let _ = self.engine.record_time_if_stale();
+        if let Err(e) = self.engine.record_time_if_stale() {
+            tracing::error!(
+                partition = %shard.partition,
+                error = %e,
+                "the store's time could not be recorded in the ledger; compaction judges expiry at the last recorded time"
+            );
+        }
     }
 
     // ---- crate-internal ----

@@ -13,12 +13,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use rocksdb::{
     BoundColumnFamily, ColumnFamilyDescriptor, DBWithThreadMode, MultiThreaded, WriteBatch,
     WriteOptions,
 };
+use tracing::{debug, info, info_span, warn};
 
 use crate::bloom::ExpiringFilter;
 use crate::claim::next_token;
@@ -79,6 +81,10 @@ impl Engine {
     /// [`crate::Store::open`] for the errors.
     pub(crate) fn open(path: &Path, options: Options) -> Result<Self> {
         options.validate()?;
+        let started = Instant::now();
+        // Every event of the open (the checks, the repairs) carries the path.
+        let span = info_span!("open", path = %path.display());
+        let _entered = span.enter();
         let path = path.to_path_buf();
         let Prepared { manifest, lock } = prepare_dir(&path, &options)?;
         let claim_grace_ms = manifest.claim_grace_ms.unwrap_or(options.ttl_millis());
@@ -110,8 +116,13 @@ impl Engine {
                 )));
             }
             let shared = Arc::new(CfShared::default());
-            let cf_options =
-                partition_cf_options(time.clone(), &options, claim_grace_ms, shared.clone());
+            let cf_options = partition_cf_options(
+                time.clone(),
+                &options,
+                claim_grace_ms,
+                shared.clone(),
+                &name,
+            );
             cf_shared.insert(name.clone(), shared);
             descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
         }
@@ -146,6 +157,18 @@ impl Engine {
 
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.durability == Durability::Sync);
+        info!(
+            created = !has_current,
+            partitions = cf_shared.len(),
+            // Above `durable_sequence`: writes recovery replayed from logs
+            // not yet recorded as synced (a stop without `close`, or writes
+            // since the last `sync`).
+            sequence = db.latest_sequence_number(),
+            durable_sequence = ledger.sequence,
+            torn_tail_cut = cut.is_some(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "store opened"
+        );
         Ok(Self {
             db,
             _lock: lock,
@@ -329,6 +352,7 @@ impl Engine {
                 &self.options,
                 self.claim_grace_ms,
                 shared.clone(),
+                &name,
             );
             self.db
                 .create_cf(&name, &cf_options)
@@ -376,25 +400,47 @@ impl Engine {
         let clock_now = self.now();
         let partition_now = partition_time(self.options.time_domain, clock_now, watermark);
         let snapshot_id = read_u64(SNAPSHOT_KEY, "filter snapshot id")?;
-        let loaded = snapshot_id
-            .and_then(|id| {
-                snapshot::read(
-                    &self.path,
-                    &name,
-                    id,
-                    self.options.expected_keys_per_partition,
-                    self.options.bloom_fp_rate,
-                    self.ttl_millis,
-                )
-            })
-            // A snapshot taken at a later time than the store answers at now
-            // has dropped marks and claims that are live again (the clock
-            // stepped back across a restart the ledger did not see).
-            .filter(|l| l.taken.clock <= clock_now && l.taken.partition <= partition_now);
+        let read = snapshot_id.and_then(|id| {
+            snapshot::read(
+                &self.path,
+                &name,
+                id,
+                self.options.expected_keys_per_partition,
+                self.options.bloom_fp_rate,
+                self.ttl_millis,
+            )
+        });
+        let read_back = read.is_some();
+        // A snapshot taken at a later time than the store answers at now
+        // has dropped marks and claims that are live again (the clock
+        // stepped back across a restart the ledger did not see).
+        let loaded =
+            read.filter(|l| l.taken.clock <= clock_now && l.taken.partition <= partition_now);
         let from_snapshot = loaded.is_some();
         let (mut filter, claims) = match loaded {
-            Some(l) => (l.filter, l.claims),
-            None => self.rebuild(&cf, partition_now)?,
+            Some(l) => {
+                debug!(
+                    partition = %partition,
+                    snapshot = snapshot_id.unwrap_or(0),
+                    filter_bytes = l.filter.memory_bytes(),
+                    claims = l.claims.len(),
+                    "filter snapshot loaded"
+                );
+                (l.filter, l.claims)
+            }
+            None => {
+                let why = match (snapshot_id, read_back) {
+                    (None, _) => {
+                        "no valid snapshot: a write since the last revoke or close, or none taken"
+                    }
+                    (Some(_), false) => {
+                        "snapshot file missing, damaged, of another id or sized for other options"
+                    }
+                    (Some(_), true) => "snapshot taken later than the store's time now",
+                };
+                debug!(partition = %partition, why, "rebuilding the filter from disk");
+                self.rebuild(&cf, partition, partition_now)?
+            }
         };
         filter.expire(partition_now);
 
@@ -445,8 +491,11 @@ impl Engine {
     fn rebuild(
         &self,
         cf: &Cf<'_>,
+        partition: &Partition,
         partition_now: u64,
     ) -> Result<(ExpiringFilter, HashMap<Vec<u8>, Entry>)> {
+        let started = Instant::now();
+        let (mut live, mut expired) = (0u64, 0u64);
         let clock_now = self.now();
         let mut filter = ExpiringFilter::new(
             self.options.expected_keys_per_partition,
@@ -461,15 +510,25 @@ impl Engine {
             match entry {
                 Entry::Done { expires_at } if entry.is_live(partition_now, clock_now) => {
                     filter.insert(k, expires_at);
+                    live += 1;
                 }
                 Entry::Claimed { .. } => {
                     claims.insert(k.to_vec(), entry);
                 }
-                Entry::Done { .. } => {}
+                Entry::Done { .. } => expired += 1,
             }
             it.next();
         }
         it.status().map_err(|e| self.storage(e))?;
+        debug!(
+            partition = %partition,
+            live_marks = live,
+            expired_marks = expired,
+            claims = claims.len(),
+            filter_bytes = filter.memory_bytes(),
+            elapsed_ms = started.elapsed().as_millis(),
+            "filter rebuilt from disk"
+        );
         Ok((filter, claims))
     }
 
@@ -494,15 +553,28 @@ impl Engine {
                 &shard.claims(),
             )
         };
-        if saved.is_ok() {
-            if let Ok(cf) = self.cf(shard) {
-                let mut write = WriteBatch::default();
-                write.put_cf(&cf, SNAPSHOT_KEY, id.to_be_bytes());
-                if self.write(write).is_ok() {
-                    shard.set_snapshot_key_live(true);
-                    // Best effort, as the snapshot itself.
-                    let _ = snapshot::remove_legacy(&self.path, &shard.cf_name);
+        // Each failure below costs only a scan at the next assign: warned
+        // about, not returned.
+        if let Err(e) = saved {
+            warn!(partition = %shard.partition, error = %e, "filter snapshot not saved; the next assign scans the partition");
+            return;
+        }
+        let recorded = self.cf(shard).and_then(|cf| {
+            let mut write = WriteBatch::default();
+            write.put_cf(&cf, SNAPSHOT_KEY, id.to_be_bytes());
+            self.write(write)
+        });
+        match recorded {
+            Ok(()) => {
+                shard.set_snapshot_key_live(true);
+                debug!(partition = %shard.partition, snapshot = id, "filter snapshot saved");
+                // Best effort, as the snapshot itself.
+                if let Err(e) = snapshot::remove_legacy(&self.path, &shard.cf_name) {
+                    warn!(partition = %shard.partition, error = %e, "old-layout filter snapshot not removed");
                 }
+            }
+            Err(e) => {
+                warn!(partition = %shard.partition, error = %e, "filter snapshot saved but its id not recorded; the next assign scans the partition");
             }
         }
     }
@@ -521,6 +593,7 @@ impl Engine {
         self.pin_sequence()?;
         self.db.drop_cf(&name).map_err(|e| self.storage(e))?;
         self.cf_shared.lock().remove(&name);
+        info!(partition = %partition, "partition deleted");
         Ok(true)
     }
 
@@ -557,11 +630,24 @@ impl Engine {
 
     /// Runs a full compaction of the shard's column family now.
     pub(crate) fn compact(&self, shard: &Shard) -> Result<()> {
+        let started = Instant::now();
+        let dropped_before = shard.cf_shared.dropped.load(Ordering::Relaxed);
         let cf = self.cf(shard)?;
         // Expiry is judged at the time the ledger records: record now first.
         self.record_time()?;
         self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
         self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        info!(
+            partition = %shard.partition,
+            // Background compactions running meanwhile count here too.
+            dropped = shard
+                .cf_shared
+                .dropped
+                .load(Ordering::Relaxed)
+                .saturating_sub(dropped_before),
+            elapsed_ms = started.elapsed().as_millis(),
+            "partition compacted"
+        );
         Ok(())
     }
 }
@@ -574,6 +660,12 @@ pub(crate) fn refuse_older_epoch(
     attempted: u64,
 ) -> Result<()> {
     if attempted < current {
+        warn!(
+            partition = %partition,
+            current,
+            attempted,
+            "fenced: an epoch older than the partition's was refused"
+        );
         return Err(Error::Fenced {
             partition: partition.clone(),
             current,

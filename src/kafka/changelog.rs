@@ -134,6 +134,19 @@ impl RestoreProgress {
     }
 }
 
+/// Whether a producer error says a newer producer with the same
+/// `transactional.id` fenced this one.
+fn is_fenced(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    )
+}
+
 /// A callback for restore progress.
 pub type ProgressFn = dyn Fn(&RestoreProgress) + Send + Sync;
 
@@ -290,11 +303,33 @@ impl Changelog {
         *self.producer.context().failed.lock() = None;
         self.producer.begin_transaction()?;
         let result = self.publish_in_transaction(entries, offsets, group, started);
-        if result.is_err() {
+        if let Err(e) = &result {
+            let partitions: Vec<String> = entries.iter().map(|(p, _)| p.to_string()).collect();
+            if is_fenced(e) {
+                tracing::error!(
+                    partitions = ?partitions,
+                    error = %e,
+                    "fenced: a newer instance with this transactional id took over; this producer publishes nothing more"
+                );
+            } else if matches!(e, KafkaError::Transaction(t) if t.is_fatal()) {
+                tracing::error!(
+                    partitions = ?partitions,
+                    error = %e,
+                    "fatal producer error; this producer publishes nothing more"
+                );
+            } else {
+                tracing::warn!(
+                    partitions = ?partitions,
+                    error = %e,
+                    "transaction aborted; its batches stay in the outbox and are published before the next poll"
+                );
+            }
             // Abortable or fatal: either way nothing of it is committed. A
             // fatal error (fenced by a newer instance) makes every later
-            // call fail too.
-            let _ = self.producer.abort_transaction(self.timeout);
+            // call fail too, the abort included.
+            if let Err(abort) = self.producer.abort_transaction(self.timeout) {
+                tracing::warn!(error = %abort, "aborting the failed transaction failed");
+            }
         }
         result?;
         let delivered = self.producer.context().delivered.lock().clone();

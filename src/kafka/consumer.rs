@@ -245,7 +245,12 @@ impl IdempotentConsumer {
             drop(messages);
             // The rebalance error is the one reported; a failed seek is
             // retried by the next poll before it polls.
-            let _ = self.rewind::<E>(&positions);
+            if let Err(seek) = self.rewind::<E>(&positions) {
+                tracing::warn!(
+                    error = %seek,
+                    "rewind after a failed rebalance failed; retried before the next poll"
+                );
+            }
             return Err(e);
         }
         Ok(messages)

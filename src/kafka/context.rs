@@ -12,6 +12,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{error, info, warn};
 
 use super::group::GroupStore;
 use crate::{Error, Partition, Store};
@@ -227,6 +228,15 @@ impl DedupContext {
     }
 
     fn fail(&self, failure: RebalanceFailure) {
+        // Logged here: only the first failure reaches the next poll.
+        match &failure {
+            RebalanceFailure::Store(e) => {
+                error!(error = %e, "rebalance callback failed (store); the next poll returns it");
+            }
+            RebalanceFailure::Kafka(e) => {
+                error!(error = %e, "rebalance callback failed (Kafka); the next poll returns it");
+            }
+        }
         let mut slot = self.failure.lock();
         if slot.is_none() {
             *slot = Some(failure);
@@ -256,11 +266,22 @@ impl DedupContext {
             };
             self.owned.lock().insert(p.clone(), owned);
             if self.restore_mode() {
+                info!(
+                    partition = %p,
+                    "partition paused until its changelog is restored"
+                );
                 self.to_restore.lock().push((p.clone(), since));
             }
             match self.store().committed_offset(&p) {
                 Ok(Some(offset)) => store_offsets.push((p, offset)),
-                Ok(None) => {}
+                Ok(None) => info!(
+                    partition = %p,
+                    epoch = ?epoch,
+                    store_offset = ?None::<i64>,
+                    resume = ?None::<i64>,
+                    why = "no offset in the store: the group's committed offset (or auto.offset.reset)",
+                    "partition assigned by the group"
+                ),
                 Err(e) => self.fail(RebalanceFailure::Store(e)),
             }
         }
@@ -287,8 +308,32 @@ impl DedupContext {
             // committed a batch of the partition (which starts at the group's
             // offset, so the store's is then at or past it).
             let Some(resume) = resume_offset(Some(offset), group_offset, group_known) else {
+                info!(
+                    partition = %p,
+                    epoch = ?epoch,
+                    store_offset = ?Some(offset),
+                    resume = ?None::<i64>,
+                    why = "the group's offset could not be read: resuming at it may replay, skipping ahead could lose",
+                    "partition assigned by the group"
+                );
                 continue;
             };
+            info!(
+                partition = %p,
+                epoch = ?epoch,
+                store_offset = ?Some(offset),
+                group_offset = ?match group_offset {
+                    Offset::Offset(g) => Some(g),
+                    _ => None,
+                },
+                resume = ?Some(resume),
+                why = if resume > offset {
+                    "the group's offset is ahead (another instance processed the partition since): the store adopts it"
+                } else {
+                    "the store's offset, at or past the group's"
+                },
+                "partition assigned by the group"
+            );
             let adopted = if resume > offset {
                 // Adopt the group's later offset, so that the store's offset
                 // (committed to Kafka on handover) never moves the group's back.
@@ -335,7 +380,22 @@ impl DedupContext {
         // In changelog mode offsets reach Kafka only in the changelog's
         // transactions: a plain commit could move the group's offset past a
         // batch whose changelog records are not published yet.
-        if self.handover_commit && !self.restore_mode() && !consumer.assignment_lost() {
+        let lost = consumer.assignment_lost();
+        let no_handover = if !self.handover_commit {
+            Some("handover commit turned off")
+        } else if self.restore_mode() {
+            Some("changelog mode: offsets reach Kafka in the changelog's transactions")
+        } else if lost {
+            Some("assignment lost: another consumer may own the partitions already")
+        } else {
+            None
+        };
+        if let Some(why) = no_handover {
+            for p in &partitions {
+                info!(partition = %p, handover = ?None::<i64>, why, "partition revoked by the group");
+            }
+        }
+        if no_handover.is_none() {
             let mut offsets = TopicPartitionList::new();
             let owned = self.owned.lock().clone();
             for p in &partitions {
@@ -344,19 +404,49 @@ impl DedupContext {
                 // processed the partition since) would move the group's back,
                 // and the next owner would redo what that instance did.
                 if !owned.get(p).is_some_and(|o| o.handover) {
+                    info!(
+                        partition = %p,
+                        handover = ?None::<i64>,
+                        why = "the store's offset may be behind the group's",
+                        "partition revoked by the group"
+                    );
                     continue;
                 }
-                if let Ok(Some(offset)) = self.store().committed_offset(p) {
-                    if offsets
-                        .add_partition_offset(p.topic(), p.partition(), Offset::Offset(offset))
-                        .is_err()
-                    {
-                        self.handover_failures.fetch_add(1, Ordering::Relaxed);
+                match self.store().committed_offset(p) {
+                    Ok(Some(offset)) => {
+                        if let Err(e) = offsets.add_partition_offset(
+                            p.topic(),
+                            p.partition(),
+                            Offset::Offset(offset),
+                        ) {
+                            error!(partition = %p, error = %e, "handover commit failed; the next owner may replay");
+                            self.handover_failures.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            info!(
+                                partition = %p,
+                                handover = ?Some(offset),
+                                why = "the store's offset, at or past the group's",
+                                "partition revoked by the group"
+                            );
+                        }
                     }
+                    _ => info!(
+                        partition = %p,
+                        handover = ?None::<i64>,
+                        why = "no offset in the store",
+                        "partition revoked by the group"
+                    ),
                 }
             }
-            if offsets.count() > 0 && consumer.commit(&offsets, CommitMode::Sync).is_err() {
-                self.handover_failures.fetch_add(1, Ordering::Relaxed);
+            if offsets.count() > 0 {
+                if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
+                    error!(
+                        partitions = ?names(&partitions),
+                        error = %e,
+                        "handover commit failed; the next owner may replay"
+                    );
+                    self.handover_failures.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         self.to_restore
@@ -431,6 +521,11 @@ impl ConsumerContext for DedupContext {
                 let owned: Vec<Partition> = std::mem::take(&mut *self.owned.lock())
                     .into_keys()
                     .collect();
+                warn!(
+                    error = ?other,
+                    partitions = ?names(&owned),
+                    "rebalance failed; every partition given up"
+                );
                 self.to_restore.lock().clear();
                 for p in &owned {
                     if let Err(e) = self.group.release(self.member, p) {
@@ -452,8 +547,17 @@ impl ConsumerContext for DedupContext {
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if result.is_err() {
+        if let Err(e) = result {
+            error!(
+                error = %e,
+                "offset commit to Kafka failed; the store's offset still holds the resume point"
+            );
             self.commit_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Partitions as their events name them (`topic/partition`).
+fn names(partitions: &[Partition]) -> Vec<String> {
+    partitions.iter().map(ToString::to_string).collect()
 }

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
 
 use super::changelog::Changelog;
 use super::context::DedupConsumer;
@@ -102,12 +103,18 @@ impl ChangelogState {
                     changelog.timeout,
                     changelog.progress.as_ref(),
                 );
-                // The loop may be gone: nothing to report to then.
-                let _ = tx.send(RestoreDone {
-                    partition: p,
-                    since,
-                    result,
-                });
+                // The loop may be gone: nothing to report to then (the
+                // restore logged its own end).
+                if tx
+                    .send(RestoreDone {
+                        partition: p,
+                        since,
+                        result,
+                    })
+                    .is_err()
+                {
+                    debug!("restore done after its poll loop was dropped");
+                }
             });
         }
         Ok(())
@@ -149,16 +156,23 @@ impl ChangelogState {
             self.restoring.remove(&done.partition);
             let p = done.partition;
             let Some((since, group_offset)) = context.ownership(&p) else {
+                debug!(partition = %p, "restore done for a partition no longer owned");
                 continue;
             };
             if since != done.since {
                 // Revoked and assigned again since: a newer restore runs.
+                debug!(partition = %p, "restore done for an earlier ownership; a newer one runs");
                 continue;
             }
             let restored = match done.result {
                 Ok(r) => r,
                 Err(RestoreError::Store(crate::Error::NotAssigned(_))) => continue,
                 Err(e) => {
+                    // The restore thread logged the failure itself.
+                    info!(
+                        partition = %p,
+                        "partition stays paused; its restore starts again at the next poll"
+                    );
                     context.restore_again(p, since);
                     return Err(match e {
                         RestoreError::Store(e) => ConsumeError::Store(e),
@@ -173,10 +187,26 @@ impl ChangelogState {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
             };
+            let store_offset = context.store().committed_offset(&p).ok().flatten();
             if let Err(e) = self.resume_restored(consumer, &p, progress) {
+                warn!(
+                    partition = %p,
+                    error = %e,
+                    "restored partition not resumed; its restore starts again at the next poll"
+                );
                 context.restore_again(p, since);
                 return Err(e);
             }
+            info!(
+                partition = %p,
+                records = restored.records,
+                store_offset = ?store_offset,
+                changelog_progress = ?restored.progress,
+                group_offset = ?group_offset,
+                resume = ?resume_point(store_offset, progress),
+                why = resume_reason(store_offset, restored.progress, group_offset),
+                "partition restored and resumed"
+            );
             report.done.push((p, restored.records));
         }
         Ok(())
@@ -242,6 +272,25 @@ impl ChangelogState {
         let Some(last_seq) = entries.last().map(|(seq, _)| *seq) else {
             return Ok(());
         };
+        let given_up = entries
+            .iter()
+            .filter(|(_, e)| progress.is_some_and(|g| e.start < g))
+            .count();
+        if given_up > 0 {
+            warn!(
+                partition = %p,
+                entries = given_up,
+                progress = ?progress,
+                "outbox entries given up at restart: published already or processed again elsewhere (their marks are still published)"
+            );
+        }
+        if entries.len() > given_up {
+            info!(
+                partition = %p,
+                entries = entries.len() - given_up,
+                "outbox entries a restart left are published before the partition resumes"
+            );
+        }
         let batches: Vec<ToPublish> = entries
             .into_iter()
             .map(|(seq, mut entry)| {
@@ -359,11 +408,48 @@ impl ChangelogState {
                 // If the write fails, the entry stays until the partition's
                 // next restore settles it that way; it is not published
                 // again before.
-                let _ = store
+                match store
                     .batch(p)
-                    .and_then(|b| b.complete_outbox(seq, position));
+                    .and_then(|b| b.complete_outbox(seq, position))
+                {
+                    Ok(()) => {}
+                    // Revoked meanwhile: the next owner's restore settles it.
+                    Err(crate::Error::NotAssigned(_)) => {
+                        debug!(partition = %p, "published outbox entries left to the next restore: partition revoked");
+                    }
+                    Err(e) => error!(
+                        partition = %p,
+                        error = %e,
+                        "published outbox entries not removed; the partition's next restore gives them up"
+                    ),
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// Where a restored partition resumes: the later of the store's committed
+/// offset and the processing progress the changelog (or the group) shows.
+fn resume_point(store: Option<i64>, progress: Option<i64>) -> Option<i64> {
+    match (store, progress) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Why a restored partition resumes where it does, for its log line.
+fn resume_reason(store: Option<i64>, changelog: Option<i64>, group: Option<i64>) -> &'static str {
+    let progress = resume_point(changelog, group);
+    match (store, progress) {
+        (None, None) => "nothing committed anywhere: the group's offset or auto.offset.reset",
+        (Some(s), Some(p)) if s >= p => {
+            "the store's offset, at or past the changelog's and the group's"
+        }
+        (_, Some(p)) if changelog == Some(p) => {
+            "the changelog's progress (the store's offset is behind it or absent)"
+        }
+        (_, Some(_)) => "the group's offset (ahead of the store's and the changelog's)",
+        (Some(_), None) => "the store's offset",
     }
 }

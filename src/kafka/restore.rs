@@ -10,12 +10,44 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, info, info_span, warn};
 
 use super::changelog::{ProgressFn, RestoreProgress, PROGRESS_KEY};
 use crate::{Partition, Store};
 
 /// Records applied per store batch: bounds the memory a restore holds.
 const CHUNK: usize = 10_000;
+
+/// The least time between two progress lines of a restore in the log (the
+/// callback hears of every chunk): a long restore says how far it got a few
+/// times a minute, a short one only that it started and finished.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// When a restore's progress is worth a log line: at most once per
+/// [`LOG_EVERY`], at the chunk boundaries where progress is reported.
+#[derive(Debug)]
+struct LogPace {
+    last: Instant,
+    every: Duration,
+}
+
+impl LogPace {
+    fn new(started: Instant, every: Duration) -> Self {
+        Self {
+            last: started,
+            every,
+        }
+    }
+
+    /// Whether a line is due at `now`; if so, the next is due `every` later.
+    fn due(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last) < self.every {
+            return false;
+        }
+        self.last = now;
+        true
+    }
+}
 
 /// What a restore found.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +64,15 @@ pub(super) struct Restored {
 pub(super) enum RestoreError {
     Store(crate::Error),
     Kafka(KafkaError),
+}
+
+impl std::fmt::Display for RestoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Store(e) => write!(f, "{e}"),
+            Self::Kafka(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 impl From<crate::Error> for RestoreError {
@@ -59,6 +100,10 @@ impl From<KafkaError> for RestoreError {
 /// cannot make the restore wrong: a mark reaches the changelog only after
 /// its side effect happened (in its own transaction, aborted or not), and
 /// a claim only before it; a restored claim is never taken for a mark.
+///
+/// Runs on a thread of its own: it logs its start, its progress (at most
+/// every [`LOG_EVERY`]), its end and its failure, in a span naming the
+/// partition.
 pub(super) fn restore(
     store: &Store,
     client: &ClientConfig,
@@ -67,7 +112,36 @@ pub(super) fn restore(
     timeout: Duration,
     progress: Option<&Arc<ProgressFn>>,
 ) -> Result<Restored, RestoreError> {
+    let span = info_span!("restore", partition = %partition, changelog = %topic);
+    let _entered = span.enter();
     let started = Instant::now();
+    let result = restore_logged(store, client, topic, partition, timeout, progress, started);
+    match &result {
+        Ok(_) => {}
+        // Revoked while it ran: the next owner restores it.
+        Err(RestoreError::Store(crate::Error::NotAssigned(_))) => {
+            info!(partition = %partition, "restore stopped: the partition was revoked");
+        }
+        Err(e) => error!(
+            partition = %partition,
+            error = %e,
+            elapsed_ms = started.elapsed().as_millis(),
+            "restore failed; the partition stays paused and its restore is tried again"
+        ),
+    }
+    result
+}
+
+/// [`restore`]'s work, logging its start, progress and end.
+fn restore_logged(
+    store: &Store,
+    client: &ClientConfig,
+    topic: &str,
+    partition: &Partition,
+    timeout: Duration,
+    progress: Option<&Arc<ProgressFn>>,
+    started: Instant,
+) -> Result<Restored, RestoreError> {
     let from = store.changelog_offset(partition)?.unwrap_or(0);
     let mut config = client.clone();
     config
@@ -82,22 +156,51 @@ pub(super) fn restore(
     let (low, high) = consumer.fetch_watermarks(topic, partition.partition(), timeout)?;
     let mut restored = Restored::default();
     if high <= from {
+        info!(
+            partition = %partition,
+            position = from,
+            end = high,
+            "restore not needed: the store is at the changelog's end"
+        );
         return Ok(restored);
     }
     let start = from.max(low);
+    info!(
+        partition = %partition,
+        // The store's changelog position, and where reading starts (later
+        // if the changelog's retention dropped the records before it).
+        position = from,
+        start,
+        end = high,
+        records = high.saturating_sub(start),
+        "restore started"
+    );
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition.partition(), Offset::Offset(start))?;
     consumer.assign(&tpl)?;
 
-    let report = |records: u64, bytes: u64, position: i64| {
-        if let Some(f) = progress {
-            f(&RestoreProgress {
-                partition: partition.clone(),
+    let mut pace = LogPace::new(started, LOG_EVERY);
+    let mut report = |records: u64, bytes: u64, position: i64| {
+        let now = RestoreProgress {
+            partition: partition.clone(),
+            records,
+            bytes,
+            remaining: u64::try_from(high.saturating_sub(position)).unwrap_or(0),
+            elapsed: started.elapsed(),
+        };
+        if pace.due(Instant::now()) {
+            info!(
+                partition = %partition,
                 records,
                 bytes,
-                remaining: u64::try_from(high.saturating_sub(position)).unwrap_or(0),
-                elapsed: started.elapsed(),
-            });
+                remaining = now.remaining,
+                time_left_ms = now.time_left().map(|t| t.as_millis()),
+                elapsed_ms = now.elapsed.as_millis(),
+                "restore progress"
+            );
+        }
+        if let Some(f) = progress {
+            f(&now);
         }
     };
     let mut bytes = 0u64;
@@ -120,12 +223,23 @@ pub(super) fn restore(
                     // not handed to the application with marks missing.
                     batch.set_changelog_next(position);
                     batch.commit()?;
+                    warn!(
+                        partition = %partition,
+                        position,
+                        end = high,
+                        records = restored.records,
+                        idle_ms = idle.elapsed().as_millis(),
+                        "restore timed out waiting for the changelog (an open transaction of the previous owner, or a slow broker); the next attempt resumes at the position"
+                    );
                     return Err(RestoreError::Kafka(KafkaError::MessageConsumption(
                         RDKafkaErrorCode::OperationTimedOut,
                     )));
                 }
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                debug!(partition = %partition, position, "restore reached the changelog's end");
+                break;
+            }
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
                 idle = Instant::now();
@@ -160,5 +274,37 @@ pub(super) fn restore(
     batch.set_changelog_next(position);
     batch.commit()?;
     report(restored.records, bytes, position);
+    info!(
+        partition = %partition,
+        records = restored.records,
+        bytes,
+        position,
+        progress = ?restored.progress,
+        elapsed_ms = started.elapsed().as_millis(),
+        "restore finished"
+    );
     Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_come_at_most_once_per_period() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(5);
+        let mut pace = LogPace::new(t0, every);
+        // Chunks reported within the first period: no line.
+        assert!(!pace.due(t0));
+        assert!(!pace.due(t0 + Duration::from_millis(4_999)));
+        // The period is over: one line, then none until the next is over.
+        assert!(pace.due(t0 + every));
+        assert!(!pace.due(t0 + every + Duration::from_secs(1)));
+        assert!(!pace.due(t0 + Duration::from_millis(9_999)));
+        assert!(pace.due(t0 + 2 * every + Duration::from_millis(1)));
+        // A clock reading before the last line (not monotonic across
+        // threads' readings) is never due.
+        assert!(!pace.due(t0));
+    }
 }
