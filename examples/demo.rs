@@ -5,7 +5,12 @@
 //! ```text
 //! cargo run --release --example demo                 # 1 000 000 messages in a temporary store
 //! cargo run --release --example demo -- 5000000 ./dedup-demo
+//! RUST_LOG=exactly=info cargo run --release --example demo   # with the store's log lines
 //! ```
+//!
+//! The store logs through `tracing` and installs no subscriber: the demo
+//! installs one that prints to stderr what `RUST_LOG` asks for (warnings
+//! and errors when it is unset). See `docs/operations.md`, "Logs".
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,6 +25,14 @@ const POLL_BATCH: usize = 500;
 const REDELIVERY_PERCENT: u64 = 1;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let (messages, path, _scratch) = common::messages_and_dir(1_000_000)?;
 
     let options = Options::default()
