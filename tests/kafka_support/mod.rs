@@ -4,6 +4,8 @@
 //! store directory.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::Path;

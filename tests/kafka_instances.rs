@@ -1,0 +1,874 @@
+//! Three consumer instances, each a process of its own with its own store
+//! directory, share one consumer group while a producer keeps sending new
+//! keys and resends of old ones. The test kills instances with SIGKILL at
+//! random moments (in a handler, between the local commit and the Kafka
+//! transaction, at the end of a restore) and restarts them on their store,
+//! so that partitions move on every kill, and stops one with SIGSTOP past
+//! the session timeout before resuming it (a zombie). Every side effect is
+//! appended to a sink file outside the instances, with the incarnation that
+//! applied it and the input offset; every committed poll batch to an event
+//! file. The parent then judges each key against what each mode promises
+//! (`docs/kafka.md`, "Failures and what each mode gives"):
+//!
+//! - claim mode: every key applied, none twice except by a zombie resumed
+//!   inside its handler (documented as not covered); keys whose claim was
+//!   left by a killed instance come back in doubt, and the handler applies
+//!   them only if the sink lacks them;
+//! - changelog mode: every key applied; a key applied twice only when one
+//!   of the applications is in the documented window (its instance was
+//!   killed before its batch's transaction committed, or it was the zombie
+//!   after its pause);
+//! - local stores only, the control: the same judgement must find keys
+//!   applied twice outside those windows (resends after a partition moved),
+//!   which shows the scenario can fail.
+//!
+//! It runs on librdkafka's mock cluster, hosted by this process (its brokers
+//! listen on loopback, so the instances join it from their processes), and,
+//! where the binary is there, on a nisshi broker process.
+//!
+//! `EXACTLY_INSTANCES_SEED` replays a run's schedule (the seed is printed);
+//! `EXACTLY_INSTANCES_STEPS` sets the number of production steps (default 18).
+
+mod kafka_support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use exactly::kafka::rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use exactly::kafka::{
+    Changelog, DedupContext, Delivery, GroupStore, IdempotentConsumer, KeySource,
+};
+use exactly::{Options, Store};
+
+use kafka_support::broker::{nisshi, Broker, SKIPPED};
+use kafka_support::{client, cluster, consumer_config, GROUP, HEADER, PARTITIONS, TOPIC};
+
+const INSTANCES: [&str; 3] = ["a", "b", "c"];
+/// New keys per production step, and resends of old keys among them.
+const NEW_PER_STEP: usize = 60;
+const RESENDS_PER_STEP: usize = 6;
+/// Messages per poll batch.
+const MAX_BATCH: usize = 20;
+/// Resends of old keys after the last kill, when partitions have moved.
+const FINAL_RESENDS: usize = 120;
+/// Longer than the consumers' session timeout (3 s): the group moves the
+/// stopped instance's partitions on.
+const PAUSE: Duration = Duration::from_secs(6);
+/// What an instance that dies in a restore says first.
+const DIED_IN_RESTORE: &str = "dying at the end of a restore";
+/// How long the group may take to process everything after the last step.
+const DRAIN: Duration = Duration::from_secs(150);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Local,
+    Changelog,
+    Claim,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Local => "local",
+            Mode::Changelog => "changelog",
+            Mode::Claim => "claim",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "local" => Mode::Local,
+            "changelog" => Mode::Changelog,
+            "claim" => Mode::Claim,
+            other => panic!("unknown mode {other}"),
+        }
+    }
+}
+
+fn now_micros() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+}
+
+fn append(file: &mut File, line: &str) {
+    // One write of a short line to a file opened for appending: it reaches
+    // the page cache whole, and a SIGKILL after it cannot lose it.
+    file.write_all(line.as_bytes()).expect("append");
+}
+
+// ---------------------------------------------------------------- the child
+
+/// What one incarnation of an instance is told, in `EXACTLY_INSTANCE`:
+/// `mode|servers|store dir|sink dir|incarnation|die in restore (0/1)`.
+struct Spec {
+    mode: Mode,
+    servers: String,
+    store: PathBuf,
+    sinks: PathBuf,
+    instance: String,
+    incarnation: String,
+    die_in_restore: bool,
+}
+
+impl Spec {
+    fn encode(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}",
+            self.mode.name(),
+            self.servers,
+            self.store.display(),
+            self.sinks.display(),
+            self.instance,
+            self.incarnation,
+            u8::from(self.die_in_restore)
+        )
+    }
+
+    fn decode(s: &str) -> Self {
+        let f: Vec<&str> = s.split('|').collect();
+        assert_eq!(f.len(), 7, "bad instance spec {s}");
+        Self {
+            mode: Mode::parse(f[0]),
+            servers: f[1].into(),
+            store: f[2].into(),
+            sinks: f[3].into(),
+            instance: f[4].into(),
+            incarnation: f[5].into(),
+            die_in_restore: f[6] == "1",
+        }
+    }
+}
+
+/// Whether any incarnation applied `key`: the downstream lookup by key that
+/// an in-doubt delivery calls for.
+fn applied_anywhere(sinks: &Path, key: &str) -> bool {
+    fs::read_dir(sinks).unwrap().any(|e| {
+        let path = e.unwrap().path();
+        path.extension().is_some_and(|x| x == "sink")
+            && fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .any(|l| l.split(' ').next() == Some(key))
+    })
+}
+
+/// The side effect: one line in this incarnation's sink file.
+fn apply(sink: &mut File, m: &BorrowedMessage<'_>, key: &[u8]) {
+    // Some work before the effect, so that a kill lands in handlers often.
+    std::thread::sleep(Duration::from_millis(1));
+    let key = std::str::from_utf8(key).unwrap();
+    let line = format!("{key} {} {} {}\n", m.partition(), m.offset(), now_micros());
+    append(sink, &line);
+}
+
+/// One incarnation of an instance: processes until the stop file appears,
+/// then leaves the group and closes its store.
+fn child(spec: Spec) {
+    let store = Arc::new(Store::open(&spec.store, Options::default()).expect("open the store"));
+    let group = GroupStore::new(store.clone());
+    let consumer: BaseConsumer<DedupContext> = consumer_config(&spec.servers)
+        .create_with_context(DedupContext::new(&group))
+        .unwrap();
+    consumer.subscribe(&[TOPIC]).unwrap();
+    let mut consumer =
+        IdempotentConsumer::new(consumer, KeySource::header(HEADER)).max_batch(MAX_BATCH);
+    if spec.mode != Mode::Local {
+        let mut changelog = Changelog::new(
+            &client(&spec.servers),
+            GROUP,
+            &spec.instance,
+            Duration::from_secs(8 * 24 * 3600),
+            Duration::from_secs(10),
+        )
+        .expect("changelog");
+        if spec.die_in_restore {
+            // Dies once a restore has committed what it read, before the
+            // partition is handed to the application (but not in the
+            // clean stop at the end).
+            let stop = spec.sinks.join("stop");
+            changelog = changelog.on_restore_progress(move |p| {
+                if p.records > 0 && !stop.exists() {
+                    eprintln!("{DIED_IN_RESTORE}");
+                    std::process::abort();
+                }
+            });
+        }
+        consumer = consumer.changelog(changelog);
+    }
+    let open = |ext: &str| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(spec.sinks.join(format!("{}.{ext}", spec.incarnation)))
+            .unwrap()
+    };
+    let mut sink = open("sink");
+    let mut events = open("events");
+    let stop = spec.sinks.join("stop");
+    while !stop.exists() {
+        let result = match spec.mode {
+            Mode::Claim => {
+                consumer.poll_batch_claimed(Duration::from_millis(100), |m, key, delivery, _| {
+                    let key = key.expect("keyed");
+                    match delivery {
+                        Delivery::New => apply(&mut sink, m, key),
+                        Delivery::InDoubt { .. } => {
+                            let text = std::str::from_utf8(key).unwrap();
+                            append(&mut events, &format!("D {text}\n"));
+                            if !applied_anywhere(&spec.sinks, text) {
+                                apply(&mut sink, m, key);
+                            }
+                        }
+                    }
+                    Ok::<(), Infallible>(())
+                })
+            }
+            _ => consumer.poll_batch(Duration::from_millis(100), |m, key| {
+                apply(&mut sink, m, key.expect("keyed"));
+                Ok::<(), Infallible>(())
+            }),
+        };
+        match result {
+            Ok(report) => {
+                for (p, offset) in report.committed {
+                    append(&mut events, &format!("C {} {offset}\n", p.partition()));
+                }
+                for (p, records) in report.restored {
+                    append(&mut events, &format!("R {} {records}\n", p.partition()));
+                }
+            }
+            // Fencing, a rebalance failure, a transaction that failed: the
+            // loop goes on, as an application's would.
+            Err(e) => append(&mut events, &format!("E {e}\n")),
+        }
+    }
+    let consumer = consumer.into_inner();
+    consumer.unsubscribe();
+    let _ = consumer.poll(Duration::from_millis(200));
+    drop(consumer);
+    drop(group);
+    match Arc::try_unwrap(store) {
+        Ok(store) => store.close().expect("close"),
+        Err(_) => panic!("the store is still shared"),
+    }
+    append(&mut events, "S\n");
+}
+
+// --------------------------------------------------------------- the parent
+
+/// A small deterministic generator (xorshift64*), so that a seed replays
+/// the schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What happened to an incarnation.
+#[derive(Debug, Default, Clone)]
+struct Fate {
+    /// Died without a clean stop (SIGKILL, or its own abort in a restore).
+    killed: bool,
+    /// When it was stopped with SIGSTOP (µs since the epoch).
+    stopped_at: Option<u128>,
+}
+
+struct Running {
+    instance: &'static str,
+    incarnation: String,
+    child: Child,
+}
+
+struct Scenario {
+    mode: Mode,
+    servers: String,
+    dir: tempfile::TempDir,
+    sinks: PathBuf,
+    running: Vec<Running>,
+    fates: BTreeMap<String, Fate>,
+    generations: HashMap<&'static str, u32>,
+    /// The next incarnation started dies at the end of its first restore.
+    die_next: bool,
+    /// Incarnations that died so.
+    died_in_restore: usize,
+    kills: usize,
+}
+
+impl Scenario {
+    fn new(mode: Mode, servers: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sinks = dir.path().join("sinks");
+        fs::create_dir(&sinks).unwrap();
+        Self {
+            mode,
+            servers: servers.into(),
+            dir,
+            sinks,
+            running: Vec::new(),
+            fates: BTreeMap::new(),
+            generations: HashMap::new(),
+            die_next: false,
+            died_in_restore: 0,
+            kills: 0,
+        }
+    }
+
+    fn start(&mut self, instance: &'static str) {
+        let n = self.generations.entry(instance).or_default();
+        let incarnation = format!("{instance}{n}");
+        *n += 1;
+        let spec = Spec {
+            mode: self.mode,
+            servers: self.servers.clone(),
+            store: self.dir.path().join(instance),
+            sinks: self.sinks.clone(),
+            instance: instance.into(),
+            incarnation: incarnation.clone(),
+            die_in_restore: std::mem::take(&mut self.die_next),
+        };
+        let stderr = File::create(self.sinks.join(format!("{incarnation}.stderr"))).unwrap();
+        let child = Command::new(std::env::current_exe().unwrap())
+            .env("EXACTLY_INSTANCE", spec.encode())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start an instance");
+        self.fates.insert(incarnation.clone(), Fate::default());
+        self.running.push(Running {
+            instance,
+            incarnation,
+            child,
+        });
+    }
+
+    /// Restarts the instances that died on their own (an abort in a
+    /// restore): they count as killed.
+    fn restart_exited(&mut self) {
+        let mut exited = Vec::new();
+        self.running
+            .retain_mut(|r| match r.child.try_wait().unwrap() {
+                Some(status) => {
+                    exited.push((r.instance, r.incarnation.clone(), status));
+                    false
+                }
+                None => true,
+            });
+        for (instance, incarnation, status) in exited {
+            // Only an abort in a restore ends an instance on its own.
+            assert!(
+                self.stderr(&incarnation).contains(DIED_IN_RESTORE),
+                "{incarnation} ended with {status}: {}",
+                self.stderr(&incarnation)
+            );
+            self.fates.get_mut(&incarnation).unwrap().killed = true;
+            self.died_in_restore += 1;
+            self.start(instance);
+        }
+    }
+
+    fn kill(&mut self, i: usize) -> &'static str {
+        let mut r = self.running.remove(i);
+        r.child.kill().unwrap();
+        r.child.wait().unwrap();
+        self.fates.get_mut(&r.incarnation).unwrap().killed = true;
+        self.kills += 1;
+        r.instance
+    }
+
+    fn signal(&self, incarnation: &str, signal: &str) {
+        let r = self
+            .running
+            .iter()
+            .find(|r| r.incarnation == incarnation)
+            .expect("a stopped instance stays running");
+        let status = Command::new("kill")
+            .args([signal, &r.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal}");
+    }
+
+    /// Waits (up to 5 s) for a running instance that is not stopped to
+    /// commit past `before` on some partition, and returns its index: it is
+    /// processing the last wave.
+    fn active(&self, before: &HashMap<i32, i64>, stopped: Option<&str>) -> Option<usize> {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            let events = read_events(&self.sinks);
+            let found = self.running.iter().position(|r| {
+                Some(r.incarnation.as_str()) != stopped
+                    && events.get(&r.incarnation).is_some_and(|e| {
+                        e.committed
+                            .iter()
+                            .any(|(p, o)| before.get(p).is_none_or(|b| o > b))
+                    })
+            });
+            if found.is_some() {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    /// The highest input offset committed per partition, by anyone.
+    fn committed(&self) -> HashMap<i32, i64> {
+        let mut out: HashMap<i32, i64> = HashMap::new();
+        for (p, offset) in read_events(&self.sinks)
+            .values()
+            .flat_map(|e| e.committed.iter())
+        {
+            let o = out.entry(*p).or_default();
+            *o = (*o).max(*offset);
+        }
+        out
+    }
+
+    /// Stops every instance through the stop file and waits for them.
+    fn stop_all(&mut self) {
+        File::create(self.sinks.join("stop")).unwrap();
+        let started = Instant::now();
+        for mut r in std::mem::take(&mut self.running) {
+            loop {
+                if let Some(status) = r.child.try_wait().unwrap() {
+                    assert!(
+                        status.success(),
+                        "{} ended with {status}: {}",
+                        r.incarnation,
+                        self.stderr(&r.incarnation)
+                    );
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{} did not stop: {}",
+                    r.incarnation,
+                    self.stderr(&r.incarnation)
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn stderr(&self, incarnation: &str) -> String {
+        let text = fs::read_to_string(self.sinks.join(format!("{incarnation}.stderr")))
+            .unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        for r in &mut self.running {
+            let _ = Command::new("kill")
+                .args(["-CONT", &r.child.id().to_string()])
+                .status();
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
+}
+
+/// Sends `keys` (key `k{i}` on partition `i % PARTITIONS`, as a keyed
+/// producer would place it) and counts the end offsets.
+fn send(producer: &BaseProducer, keys: &[usize], ends: &mut HashMap<i32, i64>) {
+    for &i in keys {
+        let partition = (i % PARTITIONS as usize) as i32;
+        let key = format!("k{i}");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER,
+            value: Some(key.as_bytes()),
+        });
+        producer
+            .send(
+                BaseRecord::to(TOPIC)
+                    .partition(partition)
+                    .key(key.as_bytes())
+                    .payload("payload")
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        *ends.entry(partition).or_default() += 1;
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// One application of a side effect, from a sink file.
+#[derive(Debug, Clone)]
+struct Applied {
+    incarnation: String,
+    partition: i32,
+    offset: i64,
+    at: u128,
+}
+
+/// An incarnation's event file.
+#[derive(Debug, Default)]
+struct Events {
+    /// Input offsets committed (store, and Kafka where the mode commits
+    /// there), in order.
+    committed: Vec<(i32, i64)>,
+    restored: usize,
+    in_doubt: BTreeSet<String>,
+    errors: Vec<String>,
+    stopped_cleanly: bool,
+}
+
+fn files(dir: &Path, ext: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == ext) {
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            out.push((stem, fs::read_to_string(&path).unwrap()));
+        }
+    }
+    out
+}
+
+fn read_events(sinks: &Path) -> BTreeMap<String, Events> {
+    let mut out = BTreeMap::new();
+    for (incarnation, text) in files(sinks, "events") {
+        let mut e = Events::default();
+        for line in text.lines() {
+            let mut f = line.splitn(3, ' ');
+            match f.next() {
+                Some("C") => e.committed.push((
+                    f.next().unwrap().parse().unwrap(),
+                    f.next().unwrap().parse().unwrap(),
+                )),
+                Some("R") => e.restored += 1,
+                Some("D") => {
+                    e.in_doubt.insert(f.next().unwrap().into());
+                }
+                Some("E") => e.errors.push(line[2..].into()),
+                Some("S") => e.stopped_cleanly = true,
+                _ => panic!("bad event line {line:?} of {incarnation}"),
+            }
+        }
+        out.insert(incarnation, e);
+    }
+    out
+}
+
+fn read_sinks(sinks: &Path) -> HashMap<String, Vec<Applied>> {
+    let mut out: HashMap<String, Vec<Applied>> = HashMap::new();
+    for (incarnation, text) in files(sinks, "sink") {
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            assert_eq!(f.len(), 4, "torn sink line {line:?} of {incarnation}");
+            out.entry(f[0].into()).or_default().push(Applied {
+                incarnation: incarnation.clone(),
+                partition: f[1].parse().unwrap(),
+                offset: f[2].parse().unwrap(),
+                at: f[3].parse().unwrap(),
+            });
+        }
+    }
+    for apps in out.values_mut() {
+        apps.sort_by_key(|a| a.at);
+    }
+    out
+}
+
+/// What the run gave, judged.
+#[derive(Debug, Default)]
+struct Verdicts {
+    keys: usize,
+    lost: Vec<String>,
+    /// Keys applied twice where all but one application lie in a
+    /// documented window (a killed instance's uncommitted batch).
+    twice_killed_window: Vec<String>,
+    /// ... where one lies in the zombie's resumed handler.
+    twice_zombie: Vec<String>,
+    /// Keys applied twice outside the windows: the promise broken.
+    twice_outside: Vec<String>,
+    in_doubt: usize,
+    /// The most side effects a killed instance left uncommitted on one
+    /// partition.
+    widest_window: usize,
+    restores: usize,
+    errors: usize,
+}
+
+fn judge(scenario: &Scenario, produced: &BTreeSet<usize>) -> Verdicts {
+    let events = read_events(&scenario.sinks);
+    let applied = read_sinks(&scenario.sinks);
+    let mut v = Verdicts {
+        keys: produced.len(),
+        in_doubt: events.values().map(|e| e.in_doubt.len()).sum(),
+        restores: events.values().map(|e| e.restored).sum(),
+        errors: events.values().map(|e| e.errors.len()).sum(),
+        ..Verdicts::default()
+    };
+    let committed_past = |a: &Applied| {
+        events.get(&a.incarnation).is_some_and(|e| {
+            e.committed
+                .iter()
+                .any(|&(p, o)| p == a.partition && o > a.offset)
+        })
+    };
+    // The store's offset of a partition never goes back: neither does what
+    // an incarnation commits.
+    for (incarnation, e) in &events {
+        let mut last: HashMap<i32, i64> = HashMap::new();
+        for &(p, o) in &e.committed {
+            let before = last.insert(p, o).unwrap_or(0);
+            assert!(
+                o >= before,
+                "{incarnation} committed partition {p} back from {before} to {o}"
+            );
+        }
+    }
+    // The window is one poll batch: a killed instance leaves at most one
+    // uncommitted batch of side effects per partition.
+    let mut uncommitted: BTreeMap<(&str, i32), BTreeSet<i64>> = BTreeMap::new();
+    for a in applied.values().flatten() {
+        if scenario.fates[&a.incarnation].killed && !committed_past(a) {
+            uncommitted
+                .entry((a.incarnation.as_str(), a.partition))
+                .or_default()
+                .insert(a.offset);
+        }
+    }
+    v.widest_window = uncommitted.values().map(BTreeSet::len).max().unwrap_or(0);
+    for i in produced {
+        let key = format!("k{i}");
+        let Some(apps) = applied.get(&key) else {
+            v.lost.push(key);
+            continue;
+        };
+        if apps.len() < 2 {
+            continue;
+        }
+        let mut zombie = false;
+        let mut unexplained = 0;
+        for a in apps {
+            let fate = &scenario.fates[&a.incarnation];
+            if fate.stopped_at.is_some_and(|s| a.at >= s) {
+                zombie = true;
+            } else if !(fate.killed && !committed_past(a) && scenario.mode != Mode::Claim) {
+                unexplained += 1;
+            }
+        }
+        if unexplained > 1 {
+            v.twice_outside.push(format!("{key}: {apps:?}"));
+        } else if zombie {
+            v.twice_zombie.push(key);
+        } else {
+            v.twice_killed_window.push(key);
+        }
+    }
+    v
+}
+
+/// Runs the scenario of this file's header in `mode` against `servers`.
+fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
+    let mut rng = Rng(seed | 1);
+    let mut s = Scenario::new(mode, servers);
+    let producer: BaseProducer = client(servers)
+        .set("message.send.max.retries", "10")
+        .set("retry.backoff.ms", "50")
+        .create()
+        .unwrap();
+    let mut ends = HashMap::new();
+    let mut produced = BTreeSet::new();
+    let mut next = 0usize;
+    for instance in INSTANCES {
+        s.start(instance);
+    }
+    let mut resume: Option<(String, Instant)> = None;
+    let pause_at = steps / 2;
+    for step in 0..steps {
+        let mut keys: Vec<usize> = (next..next + NEW_PER_STEP).collect();
+        next += NEW_PER_STEP;
+        if step > 0 {
+            for _ in 0..RESENDS_PER_STEP {
+                keys.push(rng.below(next as u64 - NEW_PER_STEP as u64) as usize);
+            }
+        }
+        produced.extend(keys.iter().copied());
+        let before = s.committed();
+        send(&producer, &keys, &mut ends);
+        s.restart_exited();
+        if let Some((incarnation, at)) = &resume {
+            if *at <= Instant::now() {
+                s.signal(incarnation, "-CONT");
+                resume = None;
+            }
+        }
+        if step == pause_at && resume.is_none() {
+            let i = rng.below(s.running.len() as u64) as usize;
+            let incarnation = s.running[i].incarnation.clone();
+            s.fates.get_mut(&incarnation).unwrap().stopped_at = Some(now_micros());
+            s.signal(&incarnation, "-STOP");
+            resume = Some((incarnation, Instant::now() + PAUSE));
+        } else if step % 3 == 2 && step + 1 < steps {
+            // An instance handling the wave (about 1 ms a message, poll
+            // batches of 20): killed a few ms after its first commit of the
+            // wave, it is in a handler, a store commit or a transaction.
+            // Never the stopped one.
+            let stopped = resume.as_ref().map(|(r, _)| r.clone());
+            let i = s.active(&before, stopped.as_deref()).unwrap_or_else(|| {
+                let candidates: Vec<usize> = (0..s.running.len())
+                    .filter(|&i| stopped.as_deref() != Some(s.running[i].incarnation.as_str()))
+                    .collect();
+                candidates[rng.below(candidates.len() as u64) as usize]
+            });
+            std::thread::sleep(Duration::from_millis(rng.below(30)));
+            let instance = s.kill(i);
+            std::thread::sleep(Duration::from_millis(rng.below(300)));
+            // From the second kill on, restarts in the changelog modes die
+            // at the end of their first restore that reads something, until
+            // one has.
+            s.die_next = mode != Mode::Local && s.kills >= 2 && s.died_in_restore == 0;
+            s.start(instance);
+        }
+        std::thread::sleep(Duration::from_millis(150 + rng.below(400)));
+    }
+    if let Some((incarnation, at)) = resume.take() {
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        s.signal(&incarnation, "-CONT");
+    }
+    // Resends of old keys now that partitions have moved.
+    let keys: Vec<usize> = (0..FINAL_RESENDS)
+        .map(|_| rng.below(next as u64) as usize)
+        .collect();
+    send(&producer, &keys, &mut ends);
+
+    let started = Instant::now();
+    loop {
+        s.restart_exited();
+        let committed = s.committed();
+        if ends
+            .iter()
+            .all(|(p, end)| committed.get(p).is_some_and(|c| c >= end))
+        {
+            break;
+        }
+        if started.elapsed() > DRAIN {
+            let stderr: Vec<String> = s
+                .running
+                .iter()
+                .map(|r| format!("{}: {}", r.incarnation, s.stderr(&r.incarnation)))
+                .collect();
+            panic!(
+                "{}: not drained: committed {committed:?}, ends {ends:?}\n{}",
+                mode.name(),
+                stderr.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    s.stop_all();
+    let v = judge(&s, &produced);
+    println!(
+        "{}: {} keys, {} messages, {} kills, {} died in a restore, {} incarnations, 1 zombie; \
+         restores {}, \
+         in doubt {}, widest window {}, loop errors {}; twice: {} in a killed instance's window, {} by the \
+         zombie, {} outside the windows; lost {}",
+        mode.name(),
+        v.keys,
+        ends.values().sum::<i64>(),
+        s.kills,
+        s.died_in_restore,
+        s.fates.len(),
+        v.restores,
+        v.in_doubt,
+        v.widest_window,
+        v.errors,
+        v.twice_killed_window.len(),
+        v.twice_zombie.len(),
+        v.twice_outside.len(),
+        v.lost.len()
+    );
+    v
+}
+
+fn check(mode: Mode, v: &Verdicts) {
+    assert!(
+        v.lost.is_empty(),
+        "{}: keys lost: {:?}",
+        mode.name(),
+        v.lost
+    );
+    match mode {
+        Mode::Claim | Mode::Changelog => {
+            assert!(
+                v.twice_outside.is_empty(),
+                "{}: keys applied twice outside the documented windows:\n{}",
+                mode.name(),
+                v.twice_outside.join("\n")
+            );
+            assert!(v.restores > 0, "{}: no partition was restored", mode.name());
+            assert!(
+                v.widest_window <= MAX_BATCH,
+                "{}: a killed instance left {} side effects of a partition uncommitted, \
+                 more than a poll batch",
+                mode.name(),
+                v.widest_window
+            );
+        }
+        Mode::Local => assert!(
+            !v.twice_outside.is_empty(),
+            "local stores: no key applied twice outside the windows; the scenario \
+             cannot tell the modes apart"
+        ),
+    }
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("EXACTLY_INSTANCE") {
+        child(Spec::decode(&spec));
+        return;
+    }
+    let seed: u64 = std::env::var("EXACTLY_INSTANCES_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_micros() as u64);
+    let steps: usize = std::env::var("EXACTLY_INSTANCES_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(18);
+    println!("three instances in processes of their own: seed {seed}, {steps} steps");
+    for mode in [Mode::Claim, Mode::Changelog, Mode::Local] {
+        let (_cluster, servers) = cluster();
+        print!("mock cluster, ");
+        let v = run(mode, &servers, seed, steps);
+        check(mode, &v);
+    }
+    match nisshi() {
+        None => println!("standalone broker: {SKIPPED}"),
+        Some(binary) => {
+            for mode in [Mode::Claim, Mode::Changelog] {
+                let broker = Broker::start(&binary);
+                broker.create_input_topic();
+                print!("standalone broker, ");
+                let v = run(mode, &broker.servers, seed, steps);
+                check(mode, &v);
+            }
+        }
+    }
+}
