@@ -430,11 +430,16 @@ impl DedupContext {
                             );
                         }
                     }
-                    _ => info!(
+                    Ok(None) => info!(
                         partition = %p,
                         handover = ?None::<i64>,
                         why = "no offset in the store",
                         "partition revoked by the group"
+                    ),
+                    Err(e) => error!(
+                        partition = %p,
+                        error = %e,
+                        "handover commit failed; the next owner may replay"
                     ),
                 }
             }
