@@ -44,7 +44,27 @@
 //! ```
 //!
 //! See `docs/design.md` for the on-disk format and the invariants.
-
+//!
+//! # Features
+//!
+//! - `kafka`: the [`kafka`][kafka-module] module, a rebalance-aware consumer
+//!   context and an idempotent poll loop over rdkafka (librdkafka is built
+//!   from source). Its documentation opens with a complete consumer.
+//! - `cli`: the `exactly` command-line tool, for operating a store; it adds
+//!   nothing to the library.
+//!
+//! ```text
+//! cargo install exactly --features cli
+//! exactly stats ./dedup                    # per partition: offset, epoch, live marks, filter, disk
+//! exactly check ./dedup orders 3 order-17  # New, Duplicate or InFlight, with the expiry
+//! exactly verify ./dedup                   # exit status 0 only when the store is healthy
+//! ```
+#![cfg_attr(feature = "kafka", doc = "[kafka-module]: crate::kafka")]
+#![cfg_attr(
+    not(feature = "kafka"),
+    doc = "[kafka-module]: https://docs.rs/exactly/latest/exactly/kafka/"
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![deny(missing_docs, clippy::unwrap_used)]
 // Bad input must give a typed error, never a panic: no unchecked indexing
@@ -64,6 +84,7 @@ mod engine;
 mod error;
 mod inspect;
 #[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
 mod layout;
 mod ledger;
