@@ -91,6 +91,7 @@ mod ledger;
 mod manifest;
 mod membership;
 mod outbox;
+mod outbox_probe;
 mod partition;
 mod recovery;
 mod shard;
@@ -134,5 +135,10 @@ pub mod internals {
     /// The health check (`exactly verify`).
     pub mod verify {
         pub use crate::verify::*;
+    }
+
+    /// The local outbox driven without Kafka (fuzz targets, crash trials).
+    pub mod outbox {
+        pub use crate::outbox_probe::*;
     }
 }

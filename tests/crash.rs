@@ -4,6 +4,12 @@
 //! acknowledged batch (marks and offset) is there, that no batch is
 //! half-applied and that no never-marked key is a duplicate.
 //!
+//! Each batch also records its changes in the partition's local outbox, as
+//! the Kafka changelog loop's do, and every third batch the child publishes
+//! (completes) the outbox. After each kill the outbox must hold exactly the
+//! committed batches not yet published: none acknowledged lost, none
+//! published coming back.
+//!
 //! `EXACTLY_CRASH_TRIALS` sets the number of trials (default 6),
 //! `EXACTLY_CRASH_SEED` replays a run.
 
@@ -14,6 +20,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use exactly::internals::outbox;
 use exactly::{Error, Options, Partition, Store, Verdict};
 
 const PARTITIONS: i32 = 3;
@@ -36,7 +43,8 @@ fn options() -> Options {
 
 /// The child: continues each partition from its committed offset, writing
 /// batches until it is killed. Prints `p b` after batch `b` of partition `p`
-/// is committed.
+/// is committed, and `P p b` after the outbox entries up to batch `b` are
+/// published.
 fn child(dir: &Path) {
     let store = Store::open(dir, options()).expect("child open");
     let mut next = HashMap::new();
@@ -51,6 +59,7 @@ fn child(dir: &Path) {
         let p = i % PARTITIONS;
         let b = next[&p];
         let mut batch = store.batch(&part(p)).expect("batch");
+        outbox::record_changes(&mut batch, b * KEYS_PER_BATCH);
         for j in 0..KEYS_PER_BATCH {
             let v = batch.check_and_mark(key(p, b, j).as_bytes()).expect("mark");
             assert_eq!(v, Verdict::New, "fresh key {}", key(p, b, j));
@@ -63,9 +72,16 @@ fn child(dir: &Path) {
             assert_eq!(v, Verdict::Duplicate, "redelivered {}", key(p, b - 1, 0));
         }
         batch.set_offset((b + 1) * KEYS_PER_BATCH);
-        batch.commit().expect("commit");
+        let entry = outbox::commit(batch)
+            .expect("commit")
+            .expect("an outbox entry");
         writeln!(out, "{p} {b}").expect("ack");
         out.flush().expect("flush ack");
+        if b % 3 == 2 {
+            outbox::complete(&store, &part(p), entry.seq).expect("publish the outbox");
+            writeln!(out, "P {p} {b}").expect("ack");
+            out.flush().expect("flush ack");
+        }
         next.insert(p, b + 1);
     }
 }
@@ -100,18 +116,35 @@ fn spawn(var: &str, dir: &Path) -> std::process::Child {
         .expect("spawn child")
 }
 
+/// What the parent was told, per partition: the last batch committed, and
+/// the last one whose outbox entries were published.
+#[derive(Default)]
+struct Acked {
+    committed: HashMap<i32, i64>,
+    published: HashMap<i32, i64>,
+}
+
 /// One round: run a child, kill it after `kill_after` acks, verify.
-fn round(dir: &Path, kill_after: u64, acked: &mut HashMap<i32, i64>) {
+fn round(dir: &Path, kill_after: u64, acked: &mut Acked) {
     let mut child = spawn("EXACTLY_CRASH_CHILD", dir);
     let stdout = child.stdout.take().expect("child stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut seen = 0;
-    let record = |line: String, acked: &mut HashMap<i32, i64>| {
-        let (p, b) = line.split_once(' ').expect("ack line");
+    let record = |line: String, acked: &mut Acked| {
+        let (published, rest) = match line.strip_prefix("P ") {
+            Some(rest) => (true, rest),
+            None => (false, line.as_str()),
+        };
+        let (p, b) = rest.split_once(' ').expect("ack line");
         let (p, b): (i32, i64) = (p.parse().expect("p"), b.parse().expect("b"));
-        let last = acked.entry(p).or_insert(-1);
-        assert_eq!(b, *last + 1, "acks of partition {p} are consecutive");
-        *last = b;
+        let last = acked.committed.entry(p).or_insert(-1);
+        if published {
+            assert_eq!(b, *last, "partition {p} publishes its last batch");
+            acked.published.insert(p, b);
+        } else {
+            assert_eq!(b, *last + 1, "acks of partition {p} are consecutive");
+            *last = b;
+        }
     };
     while seen < kill_after {
         match lines.next() {
@@ -133,7 +166,7 @@ fn round(dir: &Path, kill_after: u64, acked: &mut HashMap<i32, i64>) {
     let store = Store::open(dir, options()).expect("reopen after kill");
     for p in 0..PARTITIONS {
         store.assign(&part(p)).expect("assign");
-        let last_acked = acked.get(&p).copied().unwrap_or(-1);
+        let last_acked = acked.committed.get(&p).copied().unwrap_or(-1);
         let offset = store
             .committed_offset(&part(p))
             .expect("offset")
@@ -176,7 +209,32 @@ fn round(dir: &Path, kill_after: u64, acked: &mut HashMap<i32, i64>) {
                 key(p, committed + 1, j)
             );
         }
-        acked.insert(p, committed);
+        // The outbox holds the committed batches not yet published, each
+        // intact: from the one after the last publication acknowledged, or
+        // after the last batch if its publication landed unacknowledged.
+        let pending = outbox::pending(&store, &part(p)).expect("outbox");
+        let published = acked.published.get(&p).copied().unwrap_or(-1);
+        let first = pending
+            .first()
+            .map_or(committed + 1, |e| e.start / KEYS_PER_BATCH);
+        assert!(
+            first == published + 1 || (first == last_acked + 1 && last_acked % 3 == 2),
+            "partition {p}: outbox starts at batch {first}, published up to {published}, \
+             committed {committed}"
+        );
+        let batches: Vec<i64> = pending.iter().map(|e| e.start / KEYS_PER_BATCH).collect();
+        assert_eq!(
+            batches,
+            (first..=committed).collect::<Vec<_>>(),
+            "partition {p}: outbox entries"
+        );
+        for e in &pending {
+            assert_eq!(e.start % KEYS_PER_BATCH, 0, "{e:?}");
+            assert_eq!(e.next, e.start + KEYS_PER_BATCH, "{e:?}");
+            assert_eq!(e.changed.len(), KEYS_PER_BATCH as usize, "{e:?}");
+        }
+        acked.published.insert(p, first - 1);
+        acked.committed.insert(p, committed);
     }
     store.close().expect("close");
 }
@@ -222,7 +280,7 @@ fn main() {
     let mut rng = Rng(seed);
     for _ in 0..trials {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut acked = HashMap::new();
+        let mut acked = Acked::default();
         for _ in 0..ROUNDS_PER_TRIAL {
             round(dir.path(), 1 + rng.below(150), &mut acked);
         }
