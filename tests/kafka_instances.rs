@@ -29,53 +29,49 @@
 //! `EXACTLY_INSTANCES_SEED` replays a run's schedule (the seed is printed);
 //! `EXACTLY_INSTANCES_STEPS` sets the number of production steps (default 18).
 
+#[path = "kafka_instances/child.rs"]
+mod child;
+#[path = "kafka_instances/judge.rs"]
+mod judge;
 mod kafka_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::convert::Infallible;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
-use exactly::kafka::rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use exactly::kafka::rdkafka::message::{Header, OwnedHeaders};
 use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use exactly::kafka::{
-    Changelog, DedupContext, Delivery, GroupStore, IdempotentConsumer, KeySource,
-};
-use exactly::{Options, Store};
 
+use child::{child, now_micros, Spec, DIED_IN_RESTORE};
+use judge::{judge, read_events, Fate, Verdicts};
 use kafka_support::broker::{nisshi, Broker, SKIPPED};
-use kafka_support::{client, cluster, consumer_config, GROUP, HEADER, PARTITIONS, TOPIC};
+use kafka_support::{client, cluster, HEADER, PARTITIONS, TOPIC};
 
 const INSTANCES: [&str; 3] = ["a", "b", "c"];
 /// New keys per production step, and resends of old keys among them.
 const NEW_PER_STEP: usize = 60;
 const RESENDS_PER_STEP: usize = 6;
 /// Messages per poll batch.
-const MAX_BATCH: usize = 20;
+pub const MAX_BATCH: usize = 20;
 /// Resends of old keys after the last kill, when partitions have moved.
 const FINAL_RESENDS: usize = 120;
 /// Longer than the consumers' session timeout (3 s): the group moves the
 /// stopped instance's partitions on.
 const PAUSE: Duration = Duration::from_secs(6);
-/// What an instance that dies in a restore says first.
-const DIED_IN_RESTORE: &str = "dying at the end of a restore";
 /// How long the group may take to process everything after the last step.
 const DRAIN: Duration = Duration::from_secs(150);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub enum Mode {
     Local,
     Changelog,
     Claim,
 }
 
 impl Mode {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Mode::Local => "local",
             Mode::Changelog => "changelog",
@@ -83,7 +79,7 @@ impl Mode {
         }
     }
 
-    fn parse(s: &str) -> Self {
+    pub fn parse(s: &str) -> Self {
         match s {
             "local" => Mode::Local,
             "changelog" => Mode::Changelog,
@@ -92,179 +88,6 @@ impl Mode {
         }
     }
 }
-
-fn now_micros() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros()
-}
-
-fn append(file: &mut File, line: &str) {
-    // One write of a short line to a file opened for appending: it reaches
-    // the page cache whole, and a SIGKILL after it cannot lose it.
-    file.write_all(line.as_bytes()).expect("append");
-}
-
-// ---------------------------------------------------------------- the child
-
-/// What one incarnation of an instance is told, in `EXACTLY_INSTANCE`:
-/// `mode|servers|store dir|sink dir|incarnation|die in restore (0/1)`.
-struct Spec {
-    mode: Mode,
-    servers: String,
-    store: PathBuf,
-    sinks: PathBuf,
-    instance: String,
-    incarnation: String,
-    die_in_restore: bool,
-}
-
-impl Spec {
-    fn encode(&self) -> String {
-        format!(
-            "{}|{}|{}|{}|{}|{}|{}",
-            self.mode.name(),
-            self.servers,
-            self.store.display(),
-            self.sinks.display(),
-            self.instance,
-            self.incarnation,
-            u8::from(self.die_in_restore)
-        )
-    }
-
-    fn decode(s: &str) -> Self {
-        let f: Vec<&str> = s.split('|').collect();
-        assert_eq!(f.len(), 7, "bad instance spec {s}");
-        Self {
-            mode: Mode::parse(f[0]),
-            servers: f[1].into(),
-            store: f[2].into(),
-            sinks: f[3].into(),
-            instance: f[4].into(),
-            incarnation: f[5].into(),
-            die_in_restore: f[6] == "1",
-        }
-    }
-}
-
-/// Whether any incarnation applied `key`: the downstream lookup by key that
-/// an in-doubt delivery calls for.
-fn applied_anywhere(sinks: &Path, key: &str) -> bool {
-    fs::read_dir(sinks).unwrap().any(|e| {
-        let path = e.unwrap().path();
-        path.extension().is_some_and(|x| x == "sink")
-            && fs::read_to_string(&path)
-                .unwrap()
-                .lines()
-                .any(|l| l.split(' ').next() == Some(key))
-    })
-}
-
-/// The side effect: one line in this incarnation's sink file.
-fn apply(sink: &mut File, m: &BorrowedMessage<'_>, key: &[u8]) {
-    // Some work before the effect, so that a kill lands in handlers often.
-    std::thread::sleep(Duration::from_millis(1));
-    let key = std::str::from_utf8(key).unwrap();
-    let line = format!("{key} {} {} {}\n", m.partition(), m.offset(), now_micros());
-    append(sink, &line);
-}
-
-/// One incarnation of an instance: processes until the stop file appears,
-/// then leaves the group and closes its store.
-fn child(spec: Spec) {
-    let store = Arc::new(Store::open(&spec.store, Options::default()).expect("open the store"));
-    let group = GroupStore::new(store.clone());
-    let consumer: BaseConsumer<DedupContext> = consumer_config(&spec.servers)
-        .create_with_context(DedupContext::new(&group))
-        .unwrap();
-    consumer.subscribe(&[TOPIC]).unwrap();
-    let mut consumer =
-        IdempotentConsumer::new(consumer, KeySource::header(HEADER)).max_batch(MAX_BATCH);
-    if spec.mode != Mode::Local {
-        let mut changelog = Changelog::new(
-            &client(&spec.servers),
-            GROUP,
-            &spec.instance,
-            Duration::from_secs(8 * 24 * 3600),
-            Duration::from_secs(10),
-        )
-        .expect("changelog");
-        if spec.die_in_restore {
-            // Dies once a restore has committed what it read, before the
-            // partition is handed to the application (but not in the
-            // clean stop at the end).
-            let stop = spec.sinks.join("stop");
-            changelog = changelog.on_restore_progress(move |p| {
-                if p.records > 0 && !stop.exists() {
-                    eprintln!("{DIED_IN_RESTORE}");
-                    std::process::abort();
-                }
-            });
-        }
-        consumer = consumer.changelog(changelog);
-    }
-    let open = |ext: &str| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(spec.sinks.join(format!("{}.{ext}", spec.incarnation)))
-            .unwrap()
-    };
-    let mut sink = open("sink");
-    let mut events = open("events");
-    let stop = spec.sinks.join("stop");
-    while !stop.exists() {
-        let result = match spec.mode {
-            Mode::Claim => {
-                consumer.poll_batch_claimed(Duration::from_millis(100), |m, key, delivery, _| {
-                    let key = key.expect("keyed");
-                    match delivery {
-                        Delivery::New => apply(&mut sink, m, key),
-                        Delivery::InDoubt { .. } => {
-                            let text = std::str::from_utf8(key).unwrap();
-                            append(&mut events, &format!("D {text}\n"));
-                            if !applied_anywhere(&spec.sinks, text) {
-                                apply(&mut sink, m, key);
-                            }
-                        }
-                    }
-                    Ok::<(), Infallible>(())
-                })
-            }
-            _ => consumer.poll_batch(Duration::from_millis(100), |m, key| {
-                apply(&mut sink, m, key.expect("keyed"));
-                Ok::<(), Infallible>(())
-            }),
-        };
-        match result {
-            Ok(report) => {
-                for (p, offset) in report.committed {
-                    append(&mut events, &format!("C {} {offset}\n", p.partition()));
-                }
-                for (p, records) in report.restored {
-                    append(&mut events, &format!("R {} {records}\n", p.partition()));
-                }
-            }
-            // Fencing, a rebalance failure, a transaction that failed: the
-            // loop goes on, as an application's would.
-            Err(e) => append(&mut events, &format!("E {e}\n")),
-        }
-    }
-    let consumer = consumer.into_inner();
-    consumer.unsubscribe();
-    let _ = consumer.poll(Duration::from_millis(200));
-    drop(consumer);
-    drop(group);
-    match Arc::try_unwrap(store) {
-        Ok(store) => store.close().expect("close"),
-        Err(_) => panic!("the store is still shared"),
-    }
-    append(&mut events, "S\n");
-}
-
-// --------------------------------------------------------------- the parent
 
 /// A small deterministic generator (xorshift64*), so that a seed replays
 /// the schedule.
@@ -281,15 +104,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-}
-
-/// What happened to an incarnation.
-#[derive(Debug, Default, Clone)]
-struct Fate {
-    /// Died without a clean stop (SIGKILL, or its own abort in a restore).
-    killed: bool,
-    /// When it was stopped with SIGSTOP (µs since the epoch).
-    stopped_at: Option<u128>,
 }
 
 struct Running {
@@ -515,175 +329,6 @@ fn send(producer: &BaseProducer, keys: &[usize], ends: &mut HashMap<i32, i64>) {
     producer.flush(Duration::from_secs(30)).unwrap();
 }
 
-/// One application of a side effect, from a sink file.
-#[derive(Debug, Clone)]
-struct Applied {
-    incarnation: String,
-    partition: i32,
-    offset: i64,
-    at: u128,
-}
-
-/// An incarnation's event file.
-#[derive(Debug, Default)]
-struct Events {
-    /// Input offsets committed (store, and Kafka where the mode commits
-    /// there), in order.
-    committed: Vec<(i32, i64)>,
-    restored: usize,
-    in_doubt: BTreeSet<String>,
-    errors: Vec<String>,
-    stopped_cleanly: bool,
-}
-
-fn files(dir: &Path, ext: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_some_and(|x| x == ext) {
-            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-            out.push((stem, fs::read_to_string(&path).unwrap()));
-        }
-    }
-    out
-}
-
-fn read_events(sinks: &Path) -> BTreeMap<String, Events> {
-    let mut out = BTreeMap::new();
-    for (incarnation, text) in files(sinks, "events") {
-        let mut e = Events::default();
-        for line in text.lines() {
-            let mut f = line.splitn(3, ' ');
-            match f.next() {
-                Some("C") => e.committed.push((
-                    f.next().unwrap().parse().unwrap(),
-                    f.next().unwrap().parse().unwrap(),
-                )),
-                Some("R") => e.restored += 1,
-                Some("D") => {
-                    e.in_doubt.insert(f.next().unwrap().into());
-                }
-                Some("E") => e.errors.push(line[2..].into()),
-                Some("S") => e.stopped_cleanly = true,
-                _ => panic!("bad event line {line:?} of {incarnation}"),
-            }
-        }
-        out.insert(incarnation, e);
-    }
-    out
-}
-
-fn read_sinks(sinks: &Path) -> HashMap<String, Vec<Applied>> {
-    let mut out: HashMap<String, Vec<Applied>> = HashMap::new();
-    for (incarnation, text) in files(sinks, "sink") {
-        for line in text.lines() {
-            let f: Vec<&str> = line.split(' ').collect();
-            assert_eq!(f.len(), 4, "torn sink line {line:?} of {incarnation}");
-            out.entry(f[0].into()).or_default().push(Applied {
-                incarnation: incarnation.clone(),
-                partition: f[1].parse().unwrap(),
-                offset: f[2].parse().unwrap(),
-                at: f[3].parse().unwrap(),
-            });
-        }
-    }
-    for apps in out.values_mut() {
-        apps.sort_by_key(|a| a.at);
-    }
-    out
-}
-
-/// What the run gave, judged.
-#[derive(Debug, Default)]
-struct Verdicts {
-    keys: usize,
-    lost: Vec<String>,
-    /// Keys applied twice where all but one application lie in a
-    /// documented window (a killed instance's uncommitted batch).
-    twice_killed_window: Vec<String>,
-    /// ... where one lies in the zombie's resumed handler.
-    twice_zombie: Vec<String>,
-    /// Keys applied twice outside the windows: the promise broken.
-    twice_outside: Vec<String>,
-    in_doubt: usize,
-    /// The most side effects a killed instance left uncommitted on one
-    /// partition.
-    widest_window: usize,
-    restores: usize,
-    errors: usize,
-}
-
-fn judge(scenario: &Scenario, produced: &BTreeSet<usize>) -> Verdicts {
-    let events = read_events(&scenario.sinks);
-    let applied = read_sinks(&scenario.sinks);
-    let mut v = Verdicts {
-        keys: produced.len(),
-        in_doubt: events.values().map(|e| e.in_doubt.len()).sum(),
-        restores: events.values().map(|e| e.restored).sum(),
-        errors: events.values().map(|e| e.errors.len()).sum(),
-        ..Verdicts::default()
-    };
-    let committed_past = |a: &Applied| {
-        events.get(&a.incarnation).is_some_and(|e| {
-            e.committed
-                .iter()
-                .any(|&(p, o)| p == a.partition && o > a.offset)
-        })
-    };
-    // The store's offset of a partition never goes back: neither does what
-    // an incarnation commits.
-    for (incarnation, e) in &events {
-        let mut last: HashMap<i32, i64> = HashMap::new();
-        for &(p, o) in &e.committed {
-            let before = last.insert(p, o).unwrap_or(0);
-            assert!(
-                o >= before,
-                "{incarnation} committed partition {p} back from {before} to {o}"
-            );
-        }
-    }
-    // The window is one poll batch: a killed instance leaves at most one
-    // uncommitted batch of side effects per partition.
-    let mut uncommitted: BTreeMap<(&str, i32), BTreeSet<i64>> = BTreeMap::new();
-    for a in applied.values().flatten() {
-        if scenario.fates[&a.incarnation].killed && !committed_past(a) {
-            uncommitted
-                .entry((a.incarnation.as_str(), a.partition))
-                .or_default()
-                .insert(a.offset);
-        }
-    }
-    v.widest_window = uncommitted.values().map(BTreeSet::len).max().unwrap_or(0);
-    for i in produced {
-        let key = format!("k{i}");
-        let Some(apps) = applied.get(&key) else {
-            v.lost.push(key);
-            continue;
-        };
-        if apps.len() < 2 {
-            continue;
-        }
-        let mut zombie = false;
-        let mut unexplained = 0;
-        for a in apps {
-            let fate = &scenario.fates[&a.incarnation];
-            if fate.stopped_at.is_some_and(|s| a.at >= s) {
-                zombie = true;
-            } else if !(fate.killed && !committed_past(a) && scenario.mode != Mode::Claim) {
-                unexplained += 1;
-            }
-        }
-        if unexplained > 1 {
-            v.twice_outside.push(format!("{key}: {apps:?}"));
-        } else if zombie {
-            v.twice_zombie.push(key);
-        } else {
-            v.twice_killed_window.push(key);
-        }
-    }
-    v
-}
-
 /// Runs the scenario of this file's header in `mode` against `servers`.
 fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
     let mut rng = Rng(seed | 1);
@@ -783,7 +428,7 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
         std::thread::sleep(Duration::from_millis(200));
     }
     s.stop_all();
-    let v = judge(&s, &produced);
+    let v = judge(mode, &s.sinks, &s.fates, &produced);
     println!(
         "{}: {} keys, {} messages, {} kills, {} died in a restore, {} incarnations, 1 zombie; \
          restores {}, \
