@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, ThreadId};
+use std::time::Instant;
 
 use crate::bloom::ExpiringFilter;
 use crate::config::TimeDomain;
 use crate::error::{Error, Result};
 use crate::layout::Entry;
-use crate::stats::PartitionStats;
+use crate::stats::{PartitionStats, ShardMetrics};
 use crate::ttl::{partition_time, CfShared};
 use crate::Partition;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
@@ -83,6 +84,8 @@ pub(crate) struct Shard {
     /// `claims.len()`, readable without the lock: most lookups find none.
     claim_count: AtomicUsize,
     pub(crate) counters: Counters,
+    /// The partition's metrics handles, registered once here.
+    metrics: ShardMetrics,
     pub(crate) cf_shared: Arc<CfShared>,
     snapshot_key: AtomicBool,
     pub(crate) from_snapshot: bool,
@@ -100,7 +103,6 @@ impl Shard {
         cf_shared: Arc<CfShared>,
     ) -> Self {
         Self {
-            partition,
             cf_name,
             writer: Arc::new(Mutex::new(WriterState { revoked: false })),
             holder: Mutex::new(None),
@@ -112,11 +114,13 @@ impl Shard {
             claim_count: AtomicUsize::new(init.claims.len()),
             claims: Mutex::new(init.claims),
             counters: Counters::default(),
+            metrics: ShardMetrics::new(&partition),
             cf_shared,
             snapshot_key: AtomicBool::new(init.snapshot_key),
             from_snapshot: init.from_snapshot,
             outbox_next: AtomicU64::new(init.outbox_next),
             changelog: AtomicI64::new(init.changelog.unwrap_or(NO_OFFSET)),
+            partition,
         }
     }
 
@@ -160,11 +164,13 @@ impl Shard {
         partition_time(domain, clock, self.watermark())
     }
 
-    /// The shard's counters, with RocksDB's estimate of its keys.
+    /// The shard's counters, with RocksDB's estimate of its keys; publishes
+    /// them and the gauges to the `metrics` facade.
     pub(crate) fn stats(&self, live_keys_estimate: u64) -> PartitionStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        PartitionStats {
+        self.publish_metrics();
+        let stats = PartitionStats {
             live_keys_estimate,
             checks: load(&c.checks),
             duplicates: load(&c.duplicates),
@@ -174,7 +180,43 @@ impl Shard {
             filter_bytes: self.filter.read().memory_bytes(),
             committed_offset: self.committed_offset(),
             filter_from_snapshot: self.from_snapshot,
-        }
+        };
+        self.metrics.set_gauges(
+            stats.live_keys_estimate,
+            stats.filter_bytes,
+            stats.committed_offset,
+        );
+        stats
+    }
+
+    /// Publishes the counters to the `metrics` facade (deltas since the last
+    /// publication).
+    pub(crate) fn publish_metrics(&self) {
+        self.metrics
+            .publish_counters(&self.counters, &self.cf_shared);
+    }
+
+    /// Sets the gauges: `live_keys_estimate` (RocksDB's), the filter's bytes
+    /// and the committed offset.
+    pub(crate) fn refresh_gauges(&self, live_keys_estimate: u64) {
+        let filter_bytes = self.filter.read().memory_bytes();
+        self.metrics
+            .set_gauges(live_keys_estimate, filter_bytes, self.committed_offset());
+    }
+
+    /// Records a commit that wrote (begun at `started`) in the metrics, and
+    /// publishes the counters; returns whether the gauges are due for a
+    /// refresh (see [`refresh_gauges`](Self::refresh_gauges)). Call with the
+    /// write lock held.
+    pub(crate) fn committed_metrics(&self, started: Instant) -> bool {
+        self.publish_metrics();
+        self.metrics.committed(started, self.committed_offset())
+    }
+
+    /// Publishes the counters of a revoked shard and zeroes its gauges.
+    pub(crate) fn revoked_metrics(&self) {
+        self.publish_metrics();
+        self.metrics.revoked();
     }
 
     /// Publishes a higher committed event time and watermark; call with the

@@ -1,7 +1,17 @@
-//! Counters a store reports through [`crate::Store::stats`].
+//! Counters a store reports through [`crate::Store::stats`], and their
+//! publication through the `metrics` facade.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
+};
+
+use crate::shard::Counters;
+use crate::ttl::CfShared;
 use crate::Partition;
 
 /// A snapshot of the store's counters, per assigned partition.
@@ -37,4 +47,208 @@ pub struct PartitionStats {
     /// Whether `assign` loaded the filter from the snapshot saved at the last
     /// clean close or revoke, instead of scanning the partition's marks.
     pub filter_from_snapshot: bool,
+}
+
+/// A partition's handles on the `metrics` facade (see `docs/operations.md`,
+/// Metrics), registered once when its shard is created, so that no
+/// registry lookup happens after `assign`.
+///
+/// The shard's atomic [`Counters`] stay the source: they are published as
+/// deltas at each batch commit, at [`Store::stats`](crate::Store::stats),
+/// `compact` and revoke, never per key. Exported counters therefore count
+/// since the process started (across reassignments), while
+/// [`PartitionStats`] counts since the partition was assigned.
+pub(crate) struct ShardMetrics {
+    checks: Published,
+    duplicates: Published,
+    bloom_negatives: Published,
+    bloom_false_positives: Published,
+    expired_dropped: Counter,
+    marks_live: Gauge,
+    filter_bytes: Gauge,
+    committed_offset: Gauge,
+    commit_seconds: Histogram,
+    /// When the shard was created; `refreshed_ms` counts from it.
+    created: Instant,
+    /// When a commit last refreshed the gauges, in ms since `created`.
+    refreshed_ms: AtomicU64,
+}
+
+/// A counter handle and the value of the source counter published so far.
+struct Published {
+    counter: Counter,
+    published: AtomicU64,
+}
+
+impl Published {
+    fn new(counter: Counter) -> Self {
+        Self {
+            counter,
+            published: AtomicU64::new(0),
+        }
+    }
+
+    fn publish(&self, source: &AtomicU64) {
+        publish_delta(
+            &self.counter,
+            &self.published,
+            source.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// Adds to `counter` what `now` (a monotonic source counter) gained since
+/// `published`. A commit and `stats()` may publish at once: the highest
+/// value wins, so each increment is published exactly once.
+pub(crate) fn publish_delta(counter: &Counter, published: &AtomicU64, now: u64) {
+    if published.load(Ordering::Relaxed) >= now {
+        return;
+    }
+    let before = published.fetch_max(now, Ordering::Relaxed);
+    if now > before {
+        counter.increment(now - before);
+    }
+}
+
+/// The least time between two refreshes of a partition's gauges by
+/// commits: the live-marks gauge reads RocksDB's key estimate, a property
+/// read that every commit (one per key for single operations) need not pay.
+const GAUGE_REFRESH_MS: u64 = 1_000;
+
+impl ShardMetrics {
+    /// Registers the partition's metrics with the installed recorder (no-op
+    /// handles if none is installed yet).
+    pub(crate) fn new(partition: &Partition) -> Self {
+        describe();
+        let topic = partition.topic().to_owned();
+        let number = partition.partition().to_string();
+        let labels = [("topic", topic), ("partition", number)];
+        Self {
+            checks: Published::new(counter!(CHECKS, &labels)),
+            duplicates: Published::new(counter!(DUPLICATES, &labels)),
+            bloom_negatives: Published::new(counter!(BLOOM_NEGATIVES, &labels)),
+            bloom_false_positives: Published::new(counter!(BLOOM_FALSE_POSITIVES, &labels)),
+            expired_dropped: counter!(EXPIRED_DROPPED, &labels),
+            marks_live: gauge!(MARKS_LIVE, &labels),
+            filter_bytes: gauge!(FILTER_BYTES, &labels),
+            committed_offset: gauge!(COMMITTED_OFFSET, &labels),
+            commit_seconds: histogram!(COMMIT_SECONDS, &labels),
+            created: Instant::now(),
+            refreshed_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Publishes the counters: the shard's, and the expired marks that the
+    /// partition's compaction filter dropped (whose published share lives
+    /// with the column family, which outlives the shard).
+    pub(crate) fn publish_counters(&self, counters: &Counters, cf: &CfShared) {
+        self.checks.publish(&counters.checks);
+        self.duplicates.publish(&counters.duplicates);
+        self.bloom_negatives.publish(&counters.bloom_negatives);
+        self.bloom_false_positives
+            .publish(&counters.bloom_false_positives);
+        publish_delta(
+            &self.expired_dropped,
+            &cf.dropped_published,
+            cf.dropped.load(Ordering::Relaxed),
+        );
+    }
+
+    /// Records a commit that wrote, begun at `started`, with the offset it
+    /// committed; returns whether the gauges are due for a refresh (at most
+    /// once per [`GAUGE_REFRESH_MS`]). Call with the write lock held.
+    pub(crate) fn committed(&self, started: Instant, offset: Option<i64>) -> bool {
+        let now = Instant::now();
+        self.commit_seconds.record(now.duration_since(started));
+        if let Some(offset) = offset {
+            self.committed_offset.set(offset as f64);
+        }
+        let ms = u64::try_from(now.duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
+        let due = ms.saturating_sub(self.refreshed_ms.load(Ordering::Relaxed)) >= GAUGE_REFRESH_MS;
+        if due {
+            self.refreshed_ms.store(ms, Ordering::Relaxed);
+        }
+        due
+    }
+
+    /// Sets the gauges of live marks, filter memory and committed offset.
+    pub(crate) fn set_gauges(&self, live_keys: u64, filter_bytes: usize, offset: Option<i64>) {
+        self.marks_live.set(live_keys as f64);
+        self.filter_bytes.set(filter_bytes as f64);
+        if let Some(offset) = offset {
+            self.committed_offset.set(offset as f64);
+        }
+    }
+
+    /// The partition was revoked: its filter is freed and nothing refreshes
+    /// its gauges any more, so they read zero (the committed offset keeps
+    /// its last value, which stays true on disk).
+    pub(crate) fn revoked(&self) {
+        self.marks_live.set(0.0);
+        self.filter_bytes.set(0.0);
+    }
+}
+
+/// Keys checked (counter).
+pub(crate) const CHECKS: &str = "exactly_checks_total";
+/// Checks answered `Duplicate` (counter).
+pub(crate) const DUPLICATES: &str = "exactly_duplicates_total";
+/// Checks answered by the Bloom filter alone (counter).
+pub(crate) const BLOOM_NEGATIVES: &str = "exactly_bloom_negatives_total";
+/// Bloom positives found absent or expired on disk (counter).
+pub(crate) const BLOOM_FALSE_POSITIVES: &str = "exactly_bloom_false_positives_total";
+/// Expired marks dropped by compaction (counter).
+pub(crate) const EXPIRED_DROPPED: &str = "exactly_expired_dropped_total";
+/// RocksDB's estimate of the partition's keys (gauge).
+pub(crate) const MARKS_LIVE: &str = "exactly_marks_live";
+/// Bytes of the partition's Bloom front (gauge).
+pub(crate) const FILTER_BYTES: &str = "exactly_filter_bytes";
+/// The partition's committed offset (gauge).
+pub(crate) const COMMITTED_OFFSET: &str = "exactly_committed_offset";
+/// Latency of batch commits that wrote (histogram, seconds).
+pub(crate) const COMMIT_SECONDS: &str = "exactly_commit_seconds";
+
+/// Describes the store's metrics to the recorder: at every assign, which is
+/// rare, so that a recorder installed after an earlier store still gets them.
+fn describe() {
+    describe_counter!(
+        CHECKS,
+        Unit::Count,
+        "Keys checked (check, check_and_mark, mark, batches)."
+    );
+    describe_counter!(DUPLICATES, Unit::Count, "Checks answered Duplicate.");
+    describe_counter!(
+        BLOOM_NEGATIVES,
+        Unit::Count,
+        "Checks answered New by the Bloom filter alone, without a disk read."
+    );
+    describe_counter!(
+        BLOOM_FALSE_POSITIVES,
+        Unit::Count,
+        "Bloom positives that RocksDB showed to be absent or expired."
+    );
+    describe_counter!(
+        EXPIRED_DROPPED,
+        Unit::Count,
+        "Expired marks removed by compaction."
+    );
+    describe_gauge!(
+        MARKS_LIVE,
+        Unit::Count,
+        "RocksDB's estimate of the partition's keys (expired marks not yet compacted included); 0 once revoked."
+    );
+    describe_gauge!(
+        FILTER_BYTES,
+        Unit::Bytes,
+        "Bytes held by the partition's Bloom front; 0 once revoked."
+    );
+    describe_gauge!(
+        COMMITTED_OFFSET,
+        "The partition's committed consumer offset."
+    );
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "Latency of batch commits that wrote: validation, the atomic write and what it publishes."
+    );
 }

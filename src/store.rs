@@ -175,6 +175,7 @@ impl Store {
         let (name, shared, init) = self.engine.load_partition(partition, epoch)?;
         let (resume, claims) = (init.offset, init.claims.len());
         let shard = Arc::new(Shard::new(partition.clone(), name, init, shared));
+        shard.refresh_gauges(self.engine.keys_estimate(&shard));
         info!(
             partition = %partition,
             // Where the consumer resumes, as far as the store knows.
@@ -213,6 +214,7 @@ impl Store {
     fn revoke_shard(&self, shard: &Arc<Shard>) -> Result<()> {
         let mut writer = shard.lock_writer()?;
         writer.revoked = true;
+        shard.revoked_metrics();
         self.engine.save_snapshot(shard);
         info!(
             partition = %shard.partition,

@@ -61,6 +61,10 @@ pub(crate) fn expiry(now: u64, ttl_ms: u64) -> u64 {
 pub(crate) struct CfShared {
     /// Expired entries removed by compaction since the store was opened.
     pub(crate) dropped: AtomicU64,
+    /// How much of `dropped` has been published to the `metrics` facade
+    /// (see `ShardMetrics`): kept here, with the count, because the column
+    /// family outlives the shards of its partition's assignments.
+    pub(crate) dropped_published: AtomicU64,
     /// The partition's event-time watermark as far as it is durable
     /// (event-time stores only): raised only once a log fsync made a write
     /// of it durable (`Store::sync`, `close`, commits under

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rocksdb::WriteBatch;
 
@@ -247,15 +247,25 @@ impl<'s> Batch<'s> {
     /// (a batch that records its changes, see
     /// [`record_changes`](Self::record_changes)).
     pub(crate) fn commit_published(self) -> Result<Option<Published>> {
+        let started = Instant::now();
         // Validation first, before anything is built; all of it under the
         // write lock, so the epoch and offset cannot change until this
         // returns.
         let plan = self.validate()?;
         let Some((write, published)) = self.encode(&plan) else {
+            // A batch of duplicates writes nothing: its checks still count.
+            self.shard.publish_metrics();
             return Ok(None);
         };
         self.write(write)?;
         self.publish(&plan, published.as_ref().map(|(seq, _)| *seq));
+        // The metrics once per commit, never per key: publishing the
+        // counters and timing the commit cost a few atomics and two clock
+        // reads (docs/performance.md, "Metrics compiled in").
+        if self.shard.committed_metrics(started) {
+            self.shard
+                .refresh_gauges(self.engine.keys_estimate(&self.shard));
+        }
         Ok(published)
     }
 

@@ -637,6 +637,7 @@ impl Engine {
         self.record_time()?;
         self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
         self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        shard.publish_metrics();
         info!(
             partition = %shard.partition,
             // Background compactions running meanwhile count here too.
