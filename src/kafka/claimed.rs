@@ -205,6 +205,7 @@ impl IdempotentConsumer {
     ) -> Result<(Claimed<'a, 'm, E>, Option<crate::batch::Published>), ConsumeError<E>> {
         let start = msgs.first().map_or(0, |m| m.offset());
         let mut batch = self.open_batch(p, start)?;
+        let (metrics, before) = self.metrics.start(p, report);
         let mut claimed = Claimed {
             items: Vec::new(),
             end: start,
@@ -260,6 +261,8 @@ impl IdempotentConsumer {
             }
             claimed.end = m.offset() + 1;
         }
+        // Failures count in phase two, which carries `claimed.error` on.
+        metrics.record(before, report, false);
         let published = batch.commit_published()?;
         Ok((claimed, published))
     }
@@ -308,6 +311,7 @@ impl IdempotentConsumer {
             Ok(b) => b,
             Err(e) => return PartitionResult::failed(e.into(), start),
         };
+        let (metrics, before) = self.metrics.start(p, report);
         let Claimed {
             items,
             mut end,
@@ -321,7 +325,7 @@ impl IdempotentConsumer {
                 Some((key, _, delivery)) => (Some(key.as_slice()), *delivery),
                 None => (None, Delivery::New),
             };
-            if let Err(source) = handler(m, key, delivery, &mut batch) {
+            if let Err(source) = metrics.time(|| handler(m, key, delivery, &mut batch)) {
                 batch.truncate_outbox(staged);
                 // Not applied: this message and the ones after it are
                 // delivered again, as new.
@@ -352,6 +356,7 @@ impl IdempotentConsumer {
             report.processed += 1;
         }
         report.messages += msgs.iter().take_while(|m| m.offset() < end).count();
+        metrics.record(before, report, error.is_some());
         self.commit_partition(p, batch, start, end, error)
     }
 }

@@ -13,6 +13,7 @@ use super::changelog::Changelog;
 use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
 use super::error::ConsumeError;
 use super::keys::{KeySource, MissingKey};
+use super::metrics::LoopMetrics;
 use super::poll::{by_partition, PartitionResult, DEFAULT_CLAIM_LEASE};
 use super::publish::{ChangelogState, Restores, ToPublish};
 use crate::batch::Batch;
@@ -89,6 +90,8 @@ pub struct IdempotentConsumer {
     pub(super) changelog: Option<ChangelogState>,
     /// The lease of the claims of the claim mode.
     pub(super) claim_lease: Duration,
+    /// Metrics handles per partition (see `docs/operations.md`, Metrics).
+    pub(super) metrics: LoopMetrics,
 }
 
 impl std::fmt::Debug for IdempotentConsumer {
@@ -115,6 +118,7 @@ impl IdempotentConsumer {
             unrewound: Mutex::new(Vec::new()),
             changelog: None,
             claim_lease: DEFAULT_CLAIM_LEASE,
+            metrics: LoopMetrics::new(),
         }
     }
 
@@ -423,6 +427,8 @@ impl IdempotentConsumer {
         };
         let mut next = start;
         let mut error = None;
+        let (metrics, before) = self.metrics.start(p, report);
+        let handler = &mut metrics.timed(handler);
         for m in msgs {
             if let Err(e) = self.handle(p, m, &mut batch, handler, report) {
                 error = Some(e);
@@ -431,6 +437,7 @@ impl IdempotentConsumer {
             next = m.offset() + 1;
             report.messages += 1;
         }
+        metrics.record(before, report, error.is_some());
         self.commit_partition(p, batch, start, next, error)
     }
 

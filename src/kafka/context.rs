@@ -350,6 +350,7 @@ impl DedupContext {
             {
                 self.fail(RebalanceFailure::Kafka(e));
             }
+            super::metrics::resume_offset(&p, resume);
         }
     }
 
@@ -548,6 +549,7 @@ impl ConsumerContext for DedupContext {
         if let Err(e) = result {
             self.fail(RebalanceFailure::Kafka(e));
         }
+        super::metrics::rebalance(err);
         self.rebalances.fetch_add(1, Ordering::AcqRel);
     }
 

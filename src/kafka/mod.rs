@@ -49,7 +49,8 @@
 //! shard), `context` (the rebalance callbacks and the resume rule), `keys`
 //! (where a message's key comes from), `consumer` (the poll loop),
 //! `claimed` (its claim mode), `poll` (what the two share), `publish`,
-//! `restore` and `changelog` (changelog mode) and `error`. Dependencies
+//! `restore` and `changelog` (changelog mode), `metrics` (what the loops
+//! report to the `metrics` facade) and `error`. Dependencies
 //! point one way: claimed → consumer → publish → restore, changelog;
 //! consumer → context → group; both loops → poll.
 
@@ -60,6 +61,7 @@ mod context;
 mod error;
 mod group;
 mod keys;
+mod metrics;
 mod poll;
 mod publish;
 mod restore;

@@ -199,6 +199,7 @@ fn restore_logged(
                 "restore progress"
             );
         }
+        super::metrics::restore_progress(partition, records, now.remaining);
         if let Some(f) = progress {
             f(&now);
         }
