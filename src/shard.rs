@@ -11,25 +11,11 @@ use crate::bloom::ExpiringFilter;
 use crate::config::TimeDomain;
 use crate::error::{Error, Result};
 use crate::layout::Entry;
+pub(crate) use crate::stats::Counters;
 use crate::stats::{PartitionStats, ShardMetrics};
 use crate::ttl::{partition_time, CfShared};
 use crate::Partition;
 use parking_lot::{ArcMutexGuard, Mutex, RawMutex, RwLock};
-
-/// Per-partition counters since the shard was assigned.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) checks: AtomicU64,
-    pub(crate) duplicates: AtomicU64,
-    pub(crate) bloom_negatives: AtomicU64,
-    pub(crate) bloom_false_positives: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// State guarded by the shard's write lock.
 #[derive(Debug)]
@@ -192,8 +178,9 @@ impl Shard {
     /// Publishes the counters to the `metrics` facade (deltas since the last
     /// publication).
     pub(crate) fn publish_metrics(&self) {
+        let cf = &self.cf_shared;
         self.metrics
-            .publish_counters(&self.counters, &self.cf_shared);
+            .publish_counters(&self.counters, &cf.dropped, &cf.dropped_published);
     }
 
     /// Sets the gauges: `live_keys_estimate` (RocksDB's), the filter's bytes
