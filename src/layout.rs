@@ -81,6 +81,11 @@ pub(crate) fn decode_offset(value: &[u8]) -> Result<i64> {
 /// column family, so a restore reads from it. Absent until a changelog was
 /// used.
 pub(crate) const CHANGELOG_KEY: &[u8] = b"\x00changelog";
+/// The key of the highest progress record (value: i64 BE, an input offset)
+/// that the partition's restores read from its changelog, written with
+/// each restore chunk: a restore cut short keeps what it learnt of where
+/// processing got to, although the next attempt starts past the record.
+pub(crate) const CHANGELOG_PROGRESS_KEY: &[u8] = b"\x00changelog_progress";
 /// The prefix of the partition's outbox entries: `OUTBOX_PREFIX ++ seq: u64
 /// BE`; the value is described in `outbox.rs`.
 pub(crate) const OUTBOX_PREFIX: &[u8] = b"\x00outbox:";

@@ -7,14 +7,20 @@
 //! column family, `seq` counting up per partition. Its value:
 //!
 //! ```text
-//! "EXOB1"                       magic and version
+//! "EXOB2"                       magic and version
 //! start: i64 BE                 the input offset of the batch's first message
 //! next:  i64 BE                 the input offset the batch committed
-//! changes: u32 BE, then each:   key: bytes, entry: 0 (deleted) | 1 ++ bytes
-//! records: u32 BE, then each:   topic: bytes, key: opt, value: opt,
+//! changes: u32 BE, then each:   key: bytes, entry: 0 (deleted) | 1 ++ bytes,
+//!                               kind: u8 (0 a change, 1 a claim released)
+//! records: u32 BE, then each:   offset: i64 BE (the input message that staged it),
+//!                               topic: bytes, key: opt, value: opt,
 //!                               headers: u32 BE, then each: name: bytes, value: opt
 //! crc32c: u32 BE                of everything before it
 //! ```
+//!
+//! Version 1 (`"EXOB1"`, written before releases and record offsets were
+//! kept) is read too: its changes are plain changes and its records count
+//! as staged by the batch's first message.
 //!
 //! `bytes` is a u32 BE length and the bytes; `opt` is `0` (none) or `1 ++ bytes`.
 //! A change's key is the stored key (`MARK_TAG ++ key`, or its hash) and its
@@ -24,7 +30,8 @@
 use crate::error::{Error, Result};
 use crate::layout::{Entry, OUTBOX_PREFIX};
 
-const MAGIC: &[u8; 5] = b"EXOB1";
+const MAGIC: &[u8; 5] = b"EXOB2";
+const MAGIC_V1: &[u8; 5] = b"EXOB1";
 
 /// The RocksDB key of outbox entry `seq`.
 pub(crate) fn outbox_key(seq: u64) -> Vec<u8> {
@@ -54,6 +61,11 @@ pub(crate) struct Change {
     /// The stored key.
     pub(crate) key: Vec<u8>,
     pub(crate) entry: Option<Entry>,
+    /// The removal ended a claim (a release): it applies only over a
+    /// claim, never over a mark. A processor that did not know a key's
+    /// mark (a zombie) may claim and release the key after the mark's
+    /// owner published it; an unmark removes whatever is there.
+    pub(crate) release: bool,
 }
 
 /// An outgoing record staged with a batch ([`crate::Batch::send`]): produced
@@ -102,7 +114,9 @@ pub(crate) struct OutboxEntry {
     /// The input offset the batch committed (its last message + 1).
     pub(crate) next: i64,
     pub(crate) changes: Vec<Change>,
-    pub(crate) records: Vec<OutboxRecord>,
+    /// The outgoing records, each with the input offset of the message
+    /// whose handler staged it.
+    pub(crate) records: Vec<(i64, OutboxRecord)>,
 }
 
 impl OutboxEntry {
@@ -115,9 +129,11 @@ impl OutboxEntry {
         for c in &self.changes {
             put_bytes(&mut v, &c.key);
             put_opt(&mut v, c.entry.map(|e| e.encode()).as_deref());
+            v.push(u8::from(c.release));
         }
         put_len(&mut v, self.records.len());
-        for r in &self.records {
+        for (offset, r) in &self.records {
+            v.extend_from_slice(&offset.to_be_bytes());
             put_bytes(&mut v, r.topic.as_bytes());
             put_opt(&mut v, r.key.as_deref());
             put_opt(&mut v, r.value.as_deref());
@@ -142,9 +158,11 @@ impl OutboxEntry {
             return Err(bad("checksum mismatch"));
         }
         let mut r = Reader { rest: body };
-        if r.take(MAGIC.len())? != MAGIC {
-            return Err(bad("unknown format"));
-        }
+        let v2 = match r.take(MAGIC.len())? {
+            m if m == MAGIC => true,
+            m if m == MAGIC_V1 => false,
+            _ => return Err(bad("unknown format")),
+        };
         let start = r.i64()?;
         let next = r.i64()?;
         let n = r.len()?;
@@ -155,11 +173,21 @@ impl OutboxEntry {
                 None => None,
                 Some(e) => Some(Entry::decode(e).ok_or_else(|| bad("malformed entry"))?),
             };
-            changes.push(Change { key, entry });
+            let release = match v2.then(|| r.take(1)).transpose()? {
+                None | Some([0]) => false,
+                Some([1]) if entry.is_none() => true,
+                Some(_) => return Err(bad("bad change kind")),
+            };
+            changes.push(Change {
+                key,
+                entry,
+                release,
+            });
         }
         let n = r.len()?;
         let mut records = Vec::with_capacity(n.min(1 << 16));
         for _ in 0..n {
+            let offset = if v2 { r.i64()? } else { start };
             let topic = r.string()?;
             let key = r.opt()?.map(<[u8]>::to_vec);
             let value = r.opt()?.map(<[u8]>::to_vec);
@@ -168,12 +196,15 @@ impl OutboxEntry {
             for _ in 0..h {
                 headers.push((r.string()?, r.opt()?.map(<[u8]>::to_vec)));
             }
-            records.push(OutboxRecord {
-                topic,
-                key,
-                value,
-                headers,
-            });
+            records.push((
+                offset,
+                OutboxRecord {
+                    topic,
+                    key,
+                    value,
+                    headers,
+                },
+            ));
         }
         if !r.rest.is_empty() {
             return Err(bad("trailing bytes"));
@@ -274,10 +305,12 @@ mod tests {
                 Change {
                     key: vec![1, b'a'],
                     entry: Some(Entry::Done { expires_at: 99 }),
+                    release: false,
                 },
                 Change {
                     key: vec![1, b'b'],
                     entry: None,
+                    release: false,
                 },
                 Change {
                     key: vec![1, b'c'],
@@ -286,16 +319,25 @@ mod tests {
                         epoch: 2,
                         token: 7,
                     }),
+                    release: false,
+                },
+                Change {
+                    key: vec![1, b'd'],
+                    entry: None,
+                    release: true,
                 },
             ],
             records: vec![
-                OutboxRecord::new("events", "k", "v").header("h", "x"),
-                OutboxRecord {
-                    topic: "t".into(),
-                    key: None,
-                    value: None,
-                    headers: vec![("n".into(), None)],
-                },
+                (10, OutboxRecord::new("events", "k", "v").header("h", "x")),
+                (
+                    12,
+                    OutboxRecord {
+                        topic: "t".into(),
+                        key: None,
+                        value: None,
+                        headers: vec![("n".into(), None)],
+                    },
+                ),
             ],
         }
     }
@@ -306,6 +348,41 @@ mod tests {
         assert_eq!(OutboxEntry::decode(&e.encode()).unwrap(), e);
         let empty = OutboxEntry::default();
         assert_eq!(OutboxEntry::decode(&empty.encode()).unwrap(), empty);
+    }
+
+    /// An entry as version 1 wrote it: no change kinds, no record offsets.
+    #[test]
+    fn version_1_entries_are_read_as_plain_changes_with_records_at_the_start() {
+        let mut v = b"EXOB1".to_vec();
+        v.extend_from_slice(&10i64.to_be_bytes());
+        v.extend_from_slice(&13i64.to_be_bytes());
+        put_len(&mut v, 2);
+        put_bytes(&mut v, &[1, b'a']);
+        put_opt(&mut v, Some(&Entry::Done { expires_at: 99 }.encode()));
+        put_bytes(&mut v, &[1, b'b']);
+        put_opt(&mut v, None);
+        put_len(&mut v, 1);
+        put_bytes(&mut v, b"events");
+        put_opt(&mut v, Some(b"k"));
+        put_opt(&mut v, Some(b"v"));
+        put_len(&mut v, 0);
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_be_bytes());
+        let e = OutboxEntry::decode(&v).unwrap();
+        assert_eq!((e.start, e.next), (10, 13));
+        assert_eq!(e.changes.len(), 2);
+        assert!(e.changes.iter().all(|c| !c.release));
+        assert_eq!(e.records, vec![(10, OutboxRecord::new("events", "k", "v"))]);
+    }
+
+    #[test]
+    fn a_release_that_carries_an_entry_is_corruption() {
+        let mut e = sample();
+        e.changes[0].release = true;
+        assert!(matches!(
+            OutboxEntry::decode(&e.encode()),
+            Err(Error::Corruption(_))
+        ));
     }
 
     #[test]

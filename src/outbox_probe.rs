@@ -34,7 +34,7 @@ impl Pending {
             records: entry
                 .records
                 .iter()
-                .map(|r| (r.topic.clone(), r.value.clone()))
+                .map(|(_, r)| (r.topic.clone(), r.value.clone()))
                 .collect(),
         }
     }

@@ -414,6 +414,16 @@ impl Store {
         Ok(self.shard(partition)?.changelog_next())
     }
 
+    /// The highest changelog progress record the partition's restores read
+    /// (see `CHANGELOG_PROGRESS_KEY`).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn changelog_progress(&self, partition: &Partition) -> Result<Option<i64>> {
+        let shard = self.shard(partition)?;
+        let cf = self.engine.cf(&shard)?;
+        self.engine
+            .read_offset_key(&cf, crate::layout::CHANGELOG_PROGRESS_KEY)
+    }
+
     /// The partition's outbox entries not yet published, in order.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) fn outbox(&self, partition: &Partition) -> Result<Vec<(u64, OutboxEntry)>> {

@@ -19,8 +19,8 @@ impl Batch<'_> {
     /// changelog loop (its handler's batch); nothing is staged.
     pub fn send(&mut self, record: OutboxRecord) -> Result<()> {
         match &mut self.outbox {
-            Some((_, records)) => {
-                records.push(record);
+            Some((start, records)) => {
+                records.push((self.input.unwrap_or(*start), record));
                 Ok(())
             }
             None => Err(Error::NoOutbox(self.shard.partition.clone())),
@@ -33,14 +33,36 @@ impl Batch<'_> {
     pub(crate) fn record_changes(&mut self, start: i64) {
         self.outbox.get_or_insert_with(|| (start, Vec::new()));
     }
-    /// Applies one changelog record (a restore): `key` a stored key, `value`
-    /// a stored entry or `None` (removed). Records are applied in changelog
-    /// order and the later one wins, except that a mark never trades its
-    /// expiry for an earlier one: the changelog of another instance may miss
-    /// a mark this store made (a batch whose publication was given up), and
-    /// a mark is only ever made after its side effect.
+    /// The input offset of the message whose handler runs next: the
+    /// records it stages are kept with it, so that a restart publishes a
+    /// record unless someone processed its message since.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn restore(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    pub(crate) fn set_input(&mut self, offset: i64) {
+        self.input = Some(offset);
+    }
+
+    /// Applies one changelog record (a restore): `key` a stored key, `value`
+    /// a stored entry or `None` (removed; `release` when the removal ended a
+    /// claim). Records are applied in changelog order and the later one
+    /// wins, except where only a processor that did not know the current
+    /// entry can have written the record (another instance's changelog may
+    /// hold records of aborted transactions and of a zombie, on a broker
+    /// that does not filter or fence them):
+    ///
+    /// - a mark never trades its expiry for an earlier one: the changelog of
+    ///   another instance may miss a mark this store made (a batch whose
+    ///   publication was given up), and a mark is only ever made after its
+    ///   side effect;
+    /// - a live mark is never replaced by a claim (a claim is only made on a
+    ///   key without a live mark) nor removed by a release (a release only
+    ///   ends a claim); an unmark removes it.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn restore(
+        &mut self,
+        key: &[u8],
+        value: Option<&[u8]>,
+        release: bool,
+    ) -> Result<()> {
         let bad = |reason: &str| Error::BadChangelogRecord {
             partition: self.shard.partition.clone(),
             reason: reason.to_string(),
@@ -67,12 +89,19 @@ impl Batch<'_> {
             Some(staged) => staged.entry,
             None => self.engine.read_entry(&self.cf, key)?,
         };
+        let now = self.partition_now();
         let entry = match (current, entry) {
             (Some(Entry::Done { expires_at: c }), Some(Entry::Done { expires_at: e })) => {
                 Some(Entry::Done {
                     expires_at: c.max(e),
                 })
             }
+            (Some(done @ Entry::Done { expires_at }), Some(Entry::Claimed { .. }))
+                if now < expires_at =>
+            {
+                Some(done)
+            }
+            (Some(done @ Entry::Done { .. }), None) if release => Some(done),
             (_, e) => e,
         };
         if entry == current {
@@ -100,6 +129,12 @@ impl Batch<'_> {
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) fn set_changelog_next(&mut self, next: i64) {
         self.changelog_next = Some(self.changelog_next.map_or(next, |n| n.max(next)));
+    }
+    /// Records the highest changelog progress a restore read, with this
+    /// batch's records (see `CHANGELOG_PROGRESS_KEY`).
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn set_changelog_progress(&mut self, progress: i64) {
+        self.changelog_progress = Some(progress);
     }
     /// Removes the outbox entries up to `seq` (they are published) and moves
     /// the changelog position to `changelog_next` if given, in one write.
@@ -148,8 +183,8 @@ mod tests {
         let later = Entry::Done { expires_at: far() }.encode();
         let earlier = Entry::Done { expires_at: 1 }.encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"a"), Some(&later)).unwrap();
-        batch.restore(&key(b"a"), Some(&earlier)).unwrap();
+        batch.restore(&key(b"a"), Some(&later), false).unwrap();
+        batch.restore(&key(b"a"), Some(&earlier), false).unwrap();
         batch.set_changelog_next(7);
         batch.commit().unwrap();
         assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
@@ -165,14 +200,89 @@ mod tests {
         assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
     }
 
+    /// The progress a restore read is stored with its chunk, and kept
+    /// across a reopen: a restore cut short still knows it.
+    #[test]
+    fn the_changelog_progress_a_restore_read_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Partition::new("orders", 0);
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.assign(&p).unwrap();
+        assert_eq!(store.changelog_progress(&p).unwrap(), None);
+        let mut batch = store.batch(&p).unwrap();
+        batch.set_changelog_next(5);
+        batch.set_changelog_progress(42);
+        batch.commit().unwrap();
+        store.close().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.assign(&p).unwrap();
+        assert_eq!(store.changelog_progress(&p).unwrap(), Some(42));
+        assert_eq!(store.changelog_offset(&p).unwrap(), Some(5));
+    }
+
     #[test]
     fn a_restored_removal_makes_the_key_new_again() {
         let (_dir, store, p) = store();
         store.mark(&p, b"a").unwrap();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"a"), None).unwrap();
+        batch.restore(&key(b"a"), None, false).unwrap();
         batch.commit().unwrap();
         assert_eq!(store.check(&p, b"a").unwrap(), Verdict::New);
+    }
+
+    /// Records only a processor that did not know the mark can have
+    /// written (a zombie's, or an aborted transaction's on a broker that
+    /// does not filter them) leave a live mark alone; an unmark removes it.
+    #[test]
+    fn a_live_mark_is_neither_replaced_by_a_claim_nor_removed_by_a_release() {
+        let (_dir, store, p) = store();
+        store.mark(&p, b"a").unwrap();
+        store.mark(&p, b"b").unwrap();
+        store.mark(&p, b"u").unwrap();
+        let claim = Entry::Claimed {
+            lease_until: 1,
+            epoch: 3,
+            token: 9,
+        }
+        .encode();
+        let mut batch = store.batch(&p).unwrap();
+        batch.restore(&key(b"a"), Some(&claim), false).unwrap();
+        batch.restore(&key(b"b"), None, true).unwrap();
+        batch.restore(&key(b"u"), None, false).unwrap();
+        batch.commit().unwrap();
+        assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
+        assert_eq!(store.check(&p, b"b").unwrap(), Verdict::Duplicate);
+        assert_eq!(store.check(&p, b"u").unwrap(), Verdict::New);
+    }
+
+    /// A release ends the claim it follows; a claim replaces an expired
+    /// mark (the key was new again when it was claimed).
+    #[test]
+    fn a_release_ends_a_claim_and_a_claim_replaces_an_expired_mark() {
+        let (_dir, store, p) = store();
+        let claim = Entry::Claimed {
+            lease_until: far(),
+            epoch: 3,
+            token: 9,
+        }
+        .encode();
+        let expired = Entry::Done { expires_at: 1 }.encode();
+        let mut batch = store.batch(&p).unwrap();
+        batch.restore(&key(b"c"), Some(&claim), false).unwrap();
+        batch.restore(&key(b"c"), None, true).unwrap();
+        batch.restore(&key(b"e"), Some(&expired), false).unwrap();
+        batch.restore(&key(b"e"), Some(&claim), false).unwrap();
+        batch.commit().unwrap();
+        assert_eq!(store.check(&p, b"c").unwrap(), Verdict::New);
+        assert!(matches!(
+            store
+                .claim(&p, b"e", std::time::Duration::from_secs(1))
+                .unwrap(),
+            crate::Claim::InFlight {
+                holder_epoch: 3,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -185,7 +295,7 @@ mod tests {
         }
         .encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"c"), Some(&claim)).unwrap();
+        batch.restore(&key(b"c"), Some(&claim), false).unwrap();
         batch.commit().unwrap();
         assert!(matches!(
             store
@@ -203,14 +313,14 @@ mod tests {
         let (_dir, store, p) = store();
         let good = Entry::Done { expires_at: far() }.encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"ok"), Some(&good)).unwrap();
+        batch.restore(&key(b"ok"), Some(&good), false).unwrap();
         for (k, v) in [
             (b"\x00offset".to_vec(), Some(good.clone())),
             (vec![MARK_TAG], Some(good.clone())),
             (key(b"x"), Some(vec![7, 7])),
         ] {
             assert!(matches!(
-                batch.restore(&k, v.as_deref()),
+                batch.restore(&k, v.as_deref(), false),
                 Err(Error::BadChangelogRecord { .. })
             ));
         }

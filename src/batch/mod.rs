@@ -11,8 +11,8 @@ use crate::config::{Durability, TimeDomain, TtlRefresh, MAX_TTL};
 use crate::engine::{refuse_older_epoch, Cf, Engine, ValidKey};
 use crate::error::{Error, Result};
 use crate::layout::{
-    encode_offset, Entry, CHANGELOG_KEY, EPOCH_KEY, EVENT_TIME_KEY, OFFSET_KEY, SNAPSHOT_KEY,
-    WATERMARK_KEY,
+    encode_offset, Entry, CHANGELOG_KEY, CHANGELOG_PROGRESS_KEY, EPOCH_KEY, EVENT_TIME_KEY,
+    OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
 };
 use crate::outbox::{outbox_key, Change, OutboxEntry, OutboxRecord};
 use crate::shard::{Counters, Shard, WriterGuard};
@@ -55,6 +55,8 @@ struct Staged {
     entry: Option<Entry>,
     /// Whether a claim is made or ended, so the shard's claim table changes.
     claims: bool,
+    /// The removal ends a claim (a release), for the changelog.
+    release: bool,
 }
 
 /// An open batch on one partition; see [`Store::batch`](crate::Store::batch).
@@ -75,10 +77,15 @@ pub struct Batch<'s> {
     new_epoch: Option<u64>,
     max_event_time: Option<u64>,
     /// Set when the batch's changes go to the partition's changelog: the
-    /// input offset of its first message, and the records staged with it.
-    outbox: Option<(i64, Vec<OutboxRecord>)>,
+    /// input offset of its first message, and the records staged with it,
+    /// each with the input offset of the message that staged it.
+    outbox: Option<(i64, Vec<(i64, OutboxRecord)>)>,
+    /// The input offset of the message being handled (changelog loop).
+    input: Option<i64>,
     /// The changelog position a restore batch moves to.
     changelog_next: Option<i64>,
+    /// The changelog progress a restore batch records.
+    changelog_progress: Option<i64>,
 }
 
 /// What a committed batch left in the outbox: its sequence number and entry.
@@ -107,7 +114,9 @@ impl<'s> Batch<'s> {
             new_epoch: None,
             max_event_time: None,
             outbox: None,
+            input: None,
             changelog_next: None,
+            changelog_progress: None,
         }
     }
 
@@ -344,6 +353,9 @@ impl<'s> Batch<'s> {
         {
             write.put_cf(&self.cf, CHANGELOG_KEY, encode_offset(next));
         }
+        if let Some(progress) = self.changelog_progress {
+            write.put_cf(&self.cf, CHANGELOG_PROGRESS_KEY, encode_offset(progress));
+        }
         // The outbox entry goes in the same write as the marks and offset it
         // publishes: the store never knows something the changelog cannot
         // get. An entry with no change still carries the offset.
@@ -359,6 +371,7 @@ impl<'s> Batch<'s> {
                     .map(|(k, staged)| Change {
                         key: (*k).clone(),
                         entry: staged.entry,
+                        release: staged.release,
                     })
                     .collect(),
                 records: records.clone(),
@@ -519,7 +532,27 @@ impl<'s> Batch<'s> {
 
     fn stage(&mut self, k: Vec<u8>, entry: Option<Entry>, claims: bool) {
         let claims = claims || self.staged.get(&k).is_some_and(|s| s.claims);
-        self.staged.insert(k, Staged { entry, claims });
+        self.staged.insert(
+            k,
+            Staged {
+                entry,
+                claims,
+                release: false,
+            },
+        );
+    }
+
+    /// Stages the removal of a claim (a release): to the changelog it is a
+    /// removal that applies only over a claim (see [`Change::release`]).
+    fn stage_release(&mut self, k: Vec<u8>) {
+        self.staged.insert(
+            k,
+            Staged {
+                entry: None,
+                claims: true,
+                release: true,
+            },
+        );
     }
 
     /// "Now" for marks: the clock, or the partition's watermark under event time.

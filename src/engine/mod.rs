@@ -311,6 +311,16 @@ impl Engine {
         self.cut.as_ref()
     }
 
+    /// An offset stored under metadata key `key` of the partition.
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+    pub(crate) fn read_offset_key(&self, cf: &Cf<'_>, key: &[u8]) -> Result<Option<i64>> {
+        self.db
+            .get_pinned_cf(cf, key)
+            .map_err(|e| self.storage(e))?
+            .map(|v| decode_offset(&v))
+            .transpose()
+    }
+
     /// The stored entry of `k`, live or not.
     pub(crate) fn read_entry(&self, cf: &Cf<'_>, k: &[u8]) -> Result<Option<Entry>> {
         match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | a mark or a claim | the stored key (`0x01 ++ key`, or `0x01 ++ xxh3_128(key)`) | the stored entry (9 bytes for a mark, 25 for a claim) |
 //! | a removed mark or claim | the stored key | none (a tombstone) |
+//! | a released claim | the stored key | none (a tombstone), with the header [`RELEASE_HEADER`] |
 //! | progress | [`PROGRESS_KEY`] | the input offset the batch committed (i64 BE) |
 //!
 //! Values are exactly what the store keeps, so a record never carries a
@@ -34,6 +35,11 @@ use crate::Partition;
 /// The key of a changelog's progress record: the input offset a batch
 /// committed. Metadata keys start with `0x00`, stored mark keys with `0x01`.
 pub const PROGRESS_KEY: &[u8] = b"\x00offset";
+
+/// The header of a tombstone that ended a claim (a release): a restore
+/// applies it over a claim only, never over a mark, which only a processor
+/// that did not know the mark (a zombie) can have released after it.
+pub const RELEASE_HEADER: &str = "exactly-release";
 
 /// Kafka's longest topic name.
 const MAX_TOPIC_LEN: usize = 249;
@@ -355,12 +361,18 @@ impl Changelog {
             for entry in list {
                 for change in &entry.changes {
                     let value = change.entry.map(|e| e.encode());
+                    let headers = change.release.then(|| {
+                        OwnedHeaders::new().insert(Header {
+                            key: RELEASE_HEADER,
+                            value: None::<&[u8]>,
+                        })
+                    });
                     self.send(
                         &topic,
                         Some(p.partition()),
                         Some(&change.key),
                         value.as_deref(),
-                        None,
+                        headers,
                     )?;
                 }
                 if entry.next == GIVEN_UP {
@@ -374,7 +386,7 @@ impl Changelog {
                     Some(&progress),
                     None,
                 )?;
-                for r in &entry.records {
+                for (_, r) in &entry.records {
                     let headers = (!r.headers.is_empty()).then(|| {
                         r.headers
                             .iter()

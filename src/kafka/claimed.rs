@@ -320,6 +320,7 @@ impl IdempotentConsumer {
         let mut items = items.into_iter();
         while let Some(item) = items.next() {
             let m = item.message;
+            batch.set_input(m.offset());
             let staged = batch.outbox_len();
             let (key, delivery) = match &item.claim {
                 Some((key, _, delivery)) => (Some(key.as_slice()), *delivery),

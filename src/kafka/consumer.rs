@@ -508,6 +508,7 @@ impl IdempotentConsumer {
             offset: m.offset(),
             source,
         };
+        batch.set_input(m.offset());
         let key = self.keys.extract(m);
         // One read: the batch sees the keys it marked itself, and it holds
         // the partition's write lock, so nobody marks the key between this

@@ -72,6 +72,7 @@ pub use rdkafka;
 
 pub use changelog::{
     changelog_topic, Changelog, Deliveries, ProgressFn, RestoreProgress, PROGRESS_KEY,
+    RELEASE_HEADER,
 };
 pub use claimed::Delivery;
 pub use consumer::{IdempotentConsumer, KafkaCommit, PollReport};

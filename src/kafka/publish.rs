@@ -83,6 +83,15 @@ impl ChangelogState {
     pub(super) fn start_restores(&mut self, consumer: &DedupConsumer) -> Result<(), KafkaError> {
         let context = consumer.context();
         for (p, since) in context.take_to_restore() {
+            if self.restoring.contains(&p) {
+                // The restore of an earlier ownership (revoked and assigned
+                // again since) still runs: this one starts once it has
+                // ended, so that two restores never write the partition at
+                // once, nor an old one after the new one's records.
+                debug!(partition = %p, "restore waits for the previous ownership's to end");
+                context.restore_again(p, since);
+                continue;
+            }
             if let Err(e) = self.ensure_topic(consumer, &p) {
                 context.restore_again(p, since);
                 return Err(e);
@@ -259,8 +268,11 @@ impl ChangelogState {
     /// already (its progress record is in the changelog), is given up, but
     /// for its marks (each made after its side effect, so true whoever
     /// processed the messages again: publishing them only tells later
-    /// owners more); the rest is published, in order, with its offsets and
-    /// outgoing records.
+    /// owners more). An entry whose first messages only were processed
+    /// since is published without the outgoing records of those messages
+    /// (whoever processed them produced its own): the records of the rest
+    /// were produced by no one else. The rest is published, in order, with
+    /// its offsets and outgoing records.
     fn settle_outbox<E>(
         &mut self,
         consumer: &DedupConsumer,
@@ -274,8 +286,20 @@ impl ChangelogState {
         };
         let given_up = entries
             .iter()
-            .filter(|(_, e)| progress.is_some_and(|g| e.start < g))
+            .filter(|(_, e)| progress.is_some_and(|g| e.next <= g))
             .count();
+        let partly = entries
+            .iter()
+            .filter(|(_, e)| progress.is_some_and(|g| e.start < g && g < e.next))
+            .count();
+        if partly > 0 {
+            warn!(
+                partition = %p,
+                entries = partly,
+                progress = ?progress,
+                "outbox entries processed in part elsewhere since: published without the records of the messages processed again"
+            );
+        }
         if given_up > 0 {
             warn!(
                 partition = %p,
@@ -294,7 +318,9 @@ impl ChangelogState {
         let batches: Vec<ToPublish> = entries
             .into_iter()
             .map(|(seq, mut entry)| {
-                if progress.is_some_and(|g| entry.start < g) {
+                if let Some(g) = progress.filter(|&g| entry.start < g && g < entry.next) {
+                    entry.records.retain(|(offset, _)| *offset >= g);
+                } else if progress.is_some_and(|g| entry.next <= g) {
                     entry = OutboxEntry {
                         start: entry.start,
                         next: GIVEN_UP,

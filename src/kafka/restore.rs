@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, error, info, info_span, warn};
 
-use super::changelog::{ProgressFn, RestoreProgress, PROGRESS_KEY};
+use super::changelog::{ProgressFn, RestoreProgress, PROGRESS_KEY, RELEASE_HEADER};
 use crate::{Partition, Store};
 
 /// Records applied per store batch: bounds the memory a restore holds.
@@ -132,6 +132,15 @@ pub(super) fn restore(
     result
 }
 
+/// Ends a chunk of a restore: the changelog position it got to and the
+/// progress it read go in the same write as its records.
+fn end_chunk(batch: &mut crate::Batch<'_>, position: i64, progress: Option<i64>) {
+    batch.set_changelog_next(position);
+    if let Some(progress) = progress {
+        batch.set_changelog_progress(progress);
+    }
+}
+
 /// [`restore`]'s work, logging its start, progress and end.
 fn restore_logged(
     store: &Store,
@@ -154,7 +163,12 @@ fn restore_logged(
         .set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = config.create()?;
     let (low, high) = consumer.fetch_watermarks(topic, partition.partition(), timeout)?;
-    let mut restored = Restored::default();
+    // What earlier attempts learnt of where processing got to: an attempt
+    // cut short after it read a progress record starts past it next time.
+    let mut restored = Restored {
+        progress: store.changelog_progress(partition)?,
+        ..Restored::default()
+    };
     if high <= from {
         info!(
             partition = %partition,
@@ -222,7 +236,7 @@ fn restore_logged(
                     // Not caught up: what is committed so far stays (the
                     // next attempt resumes from it), but the partition is
                     // not handed to the application with marks missing.
-                    batch.set_changelog_next(position);
+                    end_chunk(&mut batch, position, restored.progress);
                     batch.commit()?;
                     warn!(
                         partition = %partition,
@@ -259,11 +273,14 @@ fn restore_logged(
                             Some(restored.progress.map_or(offset, |p| p.max(offset)));
                     }
                 } else {
-                    batch.restore(key, m.payload())?;
+                    let release = m
+                        .headers()
+                        .is_some_and(|h| h.iter().any(|header| header.key == RELEASE_HEADER));
+                    batch.restore(key, m.payload(), release)?;
                 }
                 in_batch += 1;
                 if in_batch >= CHUNK {
-                    batch.set_changelog_next(position);
+                    end_chunk(&mut batch, position, restored.progress);
                     batch.commit()?;
                     report(restored.records, bytes, position);
                     batch = store.batch(partition)?;
@@ -272,7 +289,7 @@ fn restore_logged(
             }
         }
     }
-    batch.set_changelog_next(position);
+    end_chunk(&mut batch, position, restored.progress);
     batch.commit()?;
     report(restored.records, bytes, position);
     info!(

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use exactly::kafka::rdkafka::config::ClientConfig;
 use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use exactly::kafka::rdkafka::error::KafkaError;
 use exactly::kafka::rdkafka::message::{Header, Message, OwnedHeaders};
 use exactly::kafka::rdkafka::mocking::MockCluster;
 use exactly::kafka::rdkafka::producer::{
@@ -237,8 +238,10 @@ pub fn read_all(servers: &str, topic: &str, partition: i32) -> Vec<(Vec<u8>, Opt
                 m.key().unwrap_or_default().to_vec(),
                 m.payload().map(<[u8]>::to_vec),
             )),
-            Some(Err(_)) => break,
-            None => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            // A transient error (a busy machine, a broker connection being
+            // set up): librdkafka retries on its own.
+            Some(Err(_)) | None => {}
         }
     }
     out
