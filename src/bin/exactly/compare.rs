@@ -241,7 +241,17 @@ impl Drop for Redis {
     }
 }
 
-/// Runs the harness with the command line `args` (without the program name).
+/// The harness's command line.
+fn usage() -> String {
+    format!(
+        "usage: compare [--messages N] [--json FILE] [--only ROW,ROW...]\n  \
+         --messages N   messages in the generated stream (default 1 000 000)\n  \
+         --json FILE    also write the rows as JSON\n  \
+         --only ROWS    run only these rows (comma-separated): {}",
+        ROWS.join(", ")
+    )
+}
+
 /// The rows the harness can run, in the order it runs them (`--only`).
 pub const ROWS: &[&str] = &[
     "naive-rocksdb",
@@ -254,6 +264,7 @@ pub const ROWS: &[&str] = &[
     "redis",
 ];
 
+/// Runs the harness with the command line `args` (without the program name).
 pub fn run(args: Vec<String>) {
     let mut messages = 1_000_000usize;
     let mut json = None;
@@ -274,7 +285,14 @@ pub fn run(args: Vec<String>) {
                     .map(|s| s.split(',').map(String::from).collect())
             }
             "--bench" => {}
-            other => panic!("unknown argument {other}"),
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return;
+            }
+            other => {
+                eprintln!("unknown argument {other:?}\n{}", usage());
+                std::process::exit(2);
+            }
         }
     }
     for name in only.iter().flatten() {
