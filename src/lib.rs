@@ -50,6 +50,8 @@
 //! - `kafka`: the [`kafka`][kafka-module] module, a rebalance-aware consumer
 //!   context and an idempotent poll loop over rdkafka (librdkafka is built
 //!   from source). Its documentation opens with a complete consumer.
+//! - `tokio` (with `kafka`): `kafka::AsyncIdempotentConsumer`, the same
+//!   poll loop with async handlers, on tokio's multi-threaded runtime.
 //! - `cli`: the `exactly` command-line tool, for operating a store; it adds
 //!   nothing to the library.
 //!

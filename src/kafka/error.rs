@@ -41,4 +41,12 @@ pub enum ConsumeError<E> {
     /// not be repositioned after another error.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// The async loop (feature `tokio`) was called where it cannot run:
+    /// outside a tokio runtime, or on the current-thread runtime. Nothing
+    /// was polled; run it on the multi-threaded runtime.
+    #[error("the async poll loop {reason}")]
+    Runtime {
+        /// What is wrong with the runtime.
+        reason: &'static str,
+    },
 }

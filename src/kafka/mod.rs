@@ -48,12 +48,15 @@
 //! One file per concept: `group` (the shared store and who owns which
 //! shard), `context` (the rebalance callbacks and the resume rule), `keys`
 //! (where a message's key comes from), `consumer` (the poll loop),
+//! `async_loop` (the same loop with async handlers, feature `tokio`),
 //! `claimed` (its claim mode), `poll` (what the two share), `publish`,
 //! `restore` and `changelog` (changelog mode), `metrics` (what the loops
 //! report to the `metrics` facade) and `error`. Dependencies
-//! point one way: claimed → consumer → publish → restore, changelog;
+//! point one way: async_loop → claimed → consumer → publish → restore, changelog;
 //! consumer → context → group; both loops → poll.
 
+#[cfg(feature = "tokio")]
+mod async_loop;
 mod changelog;
 mod claimed;
 mod consumer;
@@ -70,6 +73,9 @@ mod restore;
 /// the same version.
 pub use rdkafka;
 
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use async_loop::AsyncIdempotentConsumer;
 pub use changelog::{
     changelog_topic, Changelog, Deliveries, ProgressFn, RestoreProgress, PROGRESS_KEY,
     RELEASE_HEADER,
