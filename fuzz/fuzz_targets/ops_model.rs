@@ -21,6 +21,13 @@
 //! in memory after it are live again, and must be answered so (whatever
 //! the filter snapshot saved at revoke or close dropped).
 //!
+//! Batches may record their changes in the partition's local outbox (as
+//! the Kafka changelog loop's do) and stage outgoing records; entries are
+//! published (completed) in turns. Every acknowledged entry must be there,
+//! intact, after a crash or a reopen; a completed one must never come back
+//! (nothing is published twice from the outbox); sequence numbers grow
+//! (after a restart, from past the last entry left).
+//!
 //! Bad inputs (empty or oversize keys, negative or backward offsets, writes
 //! during an open batch, unassigned partitions) must give their typed error
 //! and change nothing.
@@ -31,7 +38,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use exactly::{Clock, Durability, Error, ManualClock, Options, Partition, Store, Verdict};
+use exactly::internals::outbox::{self, Pending};
+use exactly::{
+    Clock, Durability, Error, ManualClock, Options, OutboxRecord, Partition, Store, Verdict,
+};
 use exactly_fuzz::copy_dir;
 use libfuzzer_sys::fuzz_target;
 
@@ -87,7 +97,12 @@ enum Op {
         ops: Vec<BatchOp>,
         offset: OffsetChoice,
         commit: bool,
+        /// Records its changes in the outbox, with this many outgoing
+        /// records (modulo 3).
+        outbox: Option<u8>,
     },
+    /// Publishes the partition's outbox: its entries are removed.
+    Publish(u8),
     Advance(u16),
     Compact(u8),
     Sync,
@@ -198,6 +213,11 @@ struct Model {
     marks: BTreeMap<(u8, u8), u64>,
     offsets: BTreeMap<u8, i64>,
     assigned: BTreeSet<u8>,
+    /// Outbox entries committed and not yet published.
+    pending: BTreeMap<u8, Vec<Pending>>,
+    /// The last outbox sequence number a partition used since the store
+    /// was opened.
+    last_seq: BTreeMap<u8, u64>,
 }
 
 impl Model {
@@ -307,6 +327,8 @@ fn run(input: Input) {
         marks: BTreeMap::new(),
         offsets: BTreeMap::new(),
         assigned: BTreeSet::new(),
+        pending: BTreeMap::new(),
+        last_seq: BTreeMap::new(),
     };
     let mut reopens = 0;
     for op in input.ops.into_iter().take(MAX_OPS) {
@@ -332,6 +354,21 @@ fn run(input: Input) {
                 m.assigned.remove(&p);
                 m.marks.retain(|&(q, _), _| q != p);
                 m.offsets.remove(&p);
+                m.pending.remove(&p);
+                m.last_seq.remove(&p);
+            }
+            Op::Publish(p) => {
+                let p = p % PARTITIONS;
+                let r = outbox::pending(s, &part(p));
+                if !m.assigned.contains(&p) {
+                    expect_err(r, not_assigned, "outbox of an unassigned partition");
+                    continue;
+                }
+                // The after-step check compared the entries already.
+                if let Some(last) = r.expect("outbox").last() {
+                    outbox::complete(s, &part(p), last.seq).expect("complete the outbox");
+                }
+                m.pending.remove(&p);
             }
             Op::Check(p, k) => {
                 let p = p % PARTITIONS;
@@ -385,6 +422,7 @@ fn run(input: Input) {
                 ops,
                 offset,
                 commit,
+                outbox: records,
             } => {
                 let p = p % PARTITIONS;
                 let b = s.batch(&part(p));
@@ -394,6 +432,13 @@ fn run(input: Input) {
                 }
                 let mut b = b.expect("batch");
                 let mut staged = BTreeMap::new();
+                if let Some(n) = records {
+                    outbox::record_changes(&mut b, m.offsets.get(&p).copied().unwrap_or(0));
+                    for i in 0..n % 3 {
+                        b.send(OutboxRecord::new("out", [i], [p, i]))
+                            .expect("stage a record");
+                    }
+                }
                 for bop in ops.into_iter().take(8) {
                     match bop {
                         BatchOp::CheckAndMark(key) | BatchOp::Mark(key) => {
@@ -460,7 +505,7 @@ fn run(input: Input) {
                     drop(b);
                     continue;
                 }
-                let r = b.commit();
+                let r = outbox::commit(b);
                 match offset {
                     Some(o) if o < 0 => expect_err(
                         r,
@@ -473,7 +518,33 @@ fn run(input: Input) {
                         "backward offset",
                     ),
                     _ => {
-                        r.expect("commit");
+                        let entry = r.expect("commit");
+                        // An entry when the batch records its changes and
+                        // has something to publish (a change, a record or
+                        // an offset; re-marking a live key is a change the
+                        // model does not track).
+                        let empty = staged.is_empty()
+                            && records.is_some_and(|n| n % 3 == 0)
+                            && offset.is_none();
+                        assert!(
+                            entry.is_some() == records.is_some() || (entry.is_none() && empty),
+                            "outbox entry {entry:?} for a batch recording {records:?}"
+                        );
+                        if let Some(e) = &entry {
+                            assert!(e.changed.len() >= staged.len(), "changes of {e:?}");
+                        }
+                        if let Some(entry) = entry {
+                            let last = m.pending.get(&p).and_then(|v| v.last()).map(|e| e.seq);
+                            let last = last.max(m.last_seq.get(&p).copied());
+                            assert!(
+                                last.is_none_or(|l| entry.seq > l),
+                                "outbox seq {} after {last:?}",
+                                entry.seq
+                            );
+                            assert_eq!(entry.records.len(), usize::from(records.unwrap_or(0) % 3));
+                            m.last_seq.insert(p, entry.seq);
+                            m.pending.entry(p).or_default().push(entry);
+                        }
                         m.marks.extend(staged.into_iter().map(|(k, e)| ((p, k), e)));
                         if let Some(o) = offset {
                             m.offsets.insert(p, o);
@@ -532,6 +603,7 @@ fn run(input: Input) {
                 m.now = clock.now_millis().max(recorded_time(&dirs.current()));
                 store = Some(open(&dirs.current(), &clock, opened));
                 m.assigned.clear();
+                m.last_seq.clear();
             }
         }
         // After every step: the assigned partitions and offsets agree.
@@ -543,6 +615,12 @@ fn run(input: Input) {
                 s.committed_offset(&part(p)).expect("offset"),
                 m.offsets.get(&p).copied(),
                 "offset of {p}"
+            );
+            // Every acknowledged outbox entry, intact; none published before.
+            assert_eq!(
+                outbox::pending(s, &part(p)).expect("outbox"),
+                m.pending.get(&p).cloned().unwrap_or_default(),
+                "outbox of {p}"
             );
         }
     }

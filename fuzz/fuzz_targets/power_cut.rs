@@ -22,7 +22,13 @@
 //!   offset);
 //! * the store holds exactly the marks of the batches up to its offset: no
 //!   half-applied batch, and no `Duplicate` for a key that no surviving batch
-//!   marked.
+//!   marked;
+//! * the local outbox (each batch records its changes there, as the Kafka
+//!   changelog loop's do, and some batches publish the outbox after their
+//!   commit) holds, intact, the surviving batches from the first one not
+//!   published: a surviving batch's entry is never lost, and a publication
+//!   made before the last sync point never comes back (one after it may:
+//!   the loop then gives the entries up, as the changelog already has them).
 //!
 //! The run then goes on from the survivor, which may be cut again.
 #![no_main]
@@ -34,6 +40,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
+use exactly::internals::outbox;
 use exactly::{Durability, ManualClock, Options, Partition, Store, Verdict};
 use exactly_fuzz::{copy_dir, file_lengths, newest_wal};
 use libfuzzer_sys::fuzz_target;
@@ -46,7 +53,12 @@ const MAX_BATCH: usize = 6;
 
 #[derive(Debug, Arbitrary)]
 enum Step {
-    Batch { p: u8, keys: Vec<u8> },
+    /// A batch; with `publish`, the outbox is published after it.
+    Batch {
+        p: u8,
+        keys: Vec<u8>,
+        publish: bool,
+    },
     Sync,
     Compact(u8),
     Cut(Cut),
@@ -90,6 +102,10 @@ struct Run {
     /// Per partition, how many batches were acknowledged before the last sync
     /// point: these must survive any cut.
     durable: BTreeMap<u8, usize>,
+    /// Per partition, how many batches' outbox entries were published, and
+    /// how many before the last sync point.
+    published: BTreeMap<u8, usize>,
+    durable_published: BTreeMap<u8, usize>,
     /// File lengths at the last sync point.
     synced: BTreeMap<String, u64>,
 }
@@ -122,6 +138,7 @@ impl Run {
         for (p, b) in &self.batches {
             self.durable.insert(*p, b.len());
         }
+        self.durable_published = self.published.clone();
     }
 
     fn open(&mut self) {
@@ -135,12 +152,13 @@ impl Run {
         self.synced = BTreeMap::new();
     }
 
-    fn batch(&mut self, p: u8, keys: &[u8]) {
+    fn batch(&mut self, p: u8, keys: &[u8], publish: bool) {
         let p = p % PARTITIONS;
         let marked = self.marked(p);
         let offset = i64::try_from(self.batches[&p].len() + 1).expect("offset");
         let mut staged = BTreeSet::new();
         let mut b = self.store().batch(&part(p)).expect("batch");
+        outbox::record_changes(&mut b, offset - 1);
         for &k in keys.iter().take(MAX_BATCH) {
             let k = k % KEYS;
             let expected = if marked.contains(&k) || !staged.insert(k) {
@@ -151,8 +169,14 @@ impl Run {
             assert_eq!(b.check_and_mark(&key(k)).expect("mark"), expected);
         }
         b.set_offset(offset);
-        b.commit().expect("commit");
+        let entry = outbox::commit(b).expect("commit").expect("an outbox entry");
+        assert_eq!((entry.start, entry.next), (offset - 1, offset), "{entry:?}");
+        assert_eq!(entry.changed.len(), staged.len(), "{entry:?}");
         self.batches.get_mut(&p).expect("partition").push(staged);
+        if publish {
+            outbox::complete(self.store(), &part(p), entry.seq).expect("publish");
+            self.published.insert(p, self.batches[&p].len());
+        }
         if self.durability == Durability::Sync {
             self.sync_point();
         }
@@ -228,6 +252,37 @@ impl Run {
                     "partition {p} key {k} after a cut to {survived} batches"
                 );
             }
+            let pending = outbox::pending(s, &part(p)).expect("outbox");
+            let first = pending
+                .first()
+                .map_or(survived, |e| usize::try_from(e.start).expect("start"));
+            let published = self.published[&p];
+            assert!(
+                first >= self.durable_published[&p],
+                "partition {p}: the outbox is back to batch {first}, but {} batches \
+                 were published before the last sync point",
+                self.durable_published[&p]
+            );
+            assert!(
+                first <= published || first == survived && survived <= published,
+                "partition {p}: the outbox starts at batch {first}, {published} published, \
+                 {survived} survived: an entry was lost"
+            );
+            let indices: Vec<usize> = pending
+                .iter()
+                .map(|e| usize::try_from(e.start).expect("start"))
+                .collect();
+            assert_eq!(
+                indices,
+                (first..survived).collect::<Vec<_>>(),
+                "partition {p}"
+            );
+            for e in &pending {
+                let i = usize::try_from(e.start).expect("start");
+                assert_eq!(e.next, e.start + 1, "{e:?}");
+                assert_eq!(e.changed.len(), self.batches[&p][i].len(), "{e:?}");
+            }
+            self.published.insert(p, first);
         }
     }
 }
@@ -245,13 +300,15 @@ fn run(input: Input) {
         store: None,
         batches: (0..PARTITIONS).map(|p| (p, Vec::new())).collect(),
         durable: (0..PARTITIONS).map(|p| (p, 0)).collect(),
+        published: (0..PARTITIONS).map(|p| (p, 0)).collect(),
+        durable_published: (0..PARTITIONS).map(|p| (p, 0)).collect(),
         synced: BTreeMap::new(),
     };
     run.open();
     let mut cuts = 0;
     for step in input.steps.into_iter().take(MAX_STEPS) {
         match step {
-            Step::Batch { p, keys } => run.batch(p, &keys),
+            Step::Batch { p, keys, publish } => run.batch(p, &keys, publish),
             Step::Sync => {
                 run.store().sync().expect("sync");
                 run.sync_point();
