@@ -23,8 +23,9 @@ use std::time::Duration;
 use rdkafka::message::OwnedMessage;
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-use super::consumer::{IdempotentConsumer, PollReport};
+use super::consumer::IdempotentConsumer;
 use super::error::ConsumeError;
+use super::poll::PollReport;
 use super::Delivery;
 use crate::Batch;
 

@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use rdkafka::message::{BorrowedMessage, Message};
 
-use super::consumer::{IdempotentConsumer, PollReport};
+use super::consumer::IdempotentConsumer;
 use super::error::ConsumeError;
 use super::keys::MissingKey;
+use super::poll::PollReport;
 use super::poll::{by_partition, PartitionResult, MIN_CLAIM_LEASE};
 use super::publish::ToPublish;
 use crate::batch::{Batch, Taken};

@@ -5,7 +5,6 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -14,7 +13,7 @@ use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
 use super::error::ConsumeError;
 use super::keys::{KeySource, MissingKey};
 use super::metrics::LoopMetrics;
-use super::poll::{by_partition, PartitionResult, DEFAULT_CLAIM_LEASE};
+use super::poll::{by_partition, PartitionResult, PollReport, DEFAULT_CLAIM_LEASE};
 use super::publish::{ChangelogState, Restores, ToPublish};
 use crate::batch::Batch;
 use crate::{Error, Partition};
@@ -38,34 +37,6 @@ pub enum KafkaCommit {
     /// instance, a consumer that dies makes the next owner replay everything
     /// since its last handover.
     OnRevoke,
-}
-
-/// What one [`IdempotentConsumer::poll_batch`] did.
-#[derive(Debug, Default)]
-pub struct PollReport {
-    /// Messages polled and handled or skipped.
-    pub messages: usize,
-    /// Messages whose handler ran (new keys, and keyless ones under
-    /// [`MissingKey::Process`]).
-    pub processed: usize,
-    /// Messages skipped as duplicates.
-    pub duplicates: usize,
-    /// Claim mode: messages handed to the handler in doubt (their key's
-    /// earlier claim was never confirmed nor released).
-    pub in_doubt: usize,
-    /// Keyless messages skipped under [`MissingKey::Skip`].
-    pub skipped: usize,
-    /// Messages polled before a rebalance and dropped unprocessed (they are
-    /// delivered again from the resume point).
-    pub discarded: usize,
-    /// The offsets committed to the store (and then to Kafka), per partition.
-    pub committed: Vec<(Partition, i64)>,
-    /// Non-fatal Kafka errors: errors returned by poll (librdkafka recovers
-    /// from them on its own) and a failed asynchronous commit request.
-    pub kafka_errors: Vec<KafkaError>,
-    /// Changelog mode: partitions whose restore finished in this call (they
-    /// are processed from now on), with the changelog records read.
-    pub restored: Vec<(Partition, u64)>,
 }
 
 /// The idempotent poll loop over a consumer with a [`DedupContext`].

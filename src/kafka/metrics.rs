@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
 
-use super::consumer::PollReport;
+use super::poll::PollReport;
 use crate::batch::Batch;
 use crate::Partition;
 

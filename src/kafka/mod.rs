@@ -81,9 +81,9 @@ pub use changelog::{
     RELEASE_HEADER,
 };
 pub use claimed::Delivery;
-pub use consumer::{IdempotentConsumer, KafkaCommit, PollReport};
+pub use consumer::{IdempotentConsumer, KafkaCommit};
 pub use context::{resume_offset, DedupConsumer, DedupContext};
 pub use error::ConsumeError;
 pub use group::GroupStore;
 pub use keys::{KeyFn, KeySource, MissingKey};
-pub use poll::{DEFAULT_CLAIM_LEASE, MIN_CLAIM_LEASE};
+pub use poll::{PollReport, DEFAULT_CLAIM_LEASE, MIN_CLAIM_LEASE};

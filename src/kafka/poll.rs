@@ -1,15 +1,44 @@
-//! What both poll loops (the plain one and the claim mode) share: a poll
-//! batch's messages by partition, each partition's outcome, and the claim
-//! mode's lease bounds.
+//! What both poll loops (the plain one and the claim mode) share: what a
+//! poll batch did, its messages by partition, each partition's outcome, and
+//! the claim mode's lease bounds.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 
 use super::error::ConsumeError;
 use crate::batch::Published;
 use crate::Partition;
+
+/// What one [`IdempotentConsumer::poll_batch`](super::IdempotentConsumer::poll_batch) did.
+#[derive(Debug, Default)]
+pub struct PollReport {
+    /// Messages polled and handled or skipped.
+    pub messages: usize,
+    /// Messages whose handler ran (new keys, and keyless ones under
+    /// [`MissingKey::Process`]).
+    pub processed: usize,
+    /// Messages skipped as duplicates.
+    pub duplicates: usize,
+    /// Claim mode: messages handed to the handler in doubt (their key's
+    /// earlier claim was never confirmed nor released).
+    pub in_doubt: usize,
+    /// Keyless messages skipped under [`MissingKey::Skip`].
+    pub skipped: usize,
+    /// Messages polled before a rebalance and dropped unprocessed (they are
+    /// delivered again from the resume point).
+    pub discarded: usize,
+    /// The offsets committed to the store (and then to Kafka), per partition.
+    pub committed: Vec<(Partition, i64)>,
+    /// Non-fatal Kafka errors: errors returned by poll (librdkafka recovers
+    /// from them on its own) and a failed asynchronous commit request.
+    pub kafka_errors: Vec<KafkaError>,
+    /// Changelog mode: partitions whose restore finished in this call (they
+    /// are processed from now on), with the changelog records read.
+    pub restored: Vec<(Partition, u64)>,
+}
 
 /// The lease of the claims the claim mode makes, unless set with
 /// [`IdempotentConsumer::claim_lease`](super::IdempotentConsumer::claim_lease):
