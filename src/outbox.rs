@@ -11,7 +11,8 @@
 //! start: i64 BE                 the input offset of the batch's first message
 //! next:  i64 BE                 the input offset the batch committed
 //! changes: u32 BE, then each:   key: bytes, entry: 0 (deleted) | 1 ++ bytes,
-//!                               kind: u8 (0 a change, 1 a claim released)
+//!                               kind: u8 (0 a change; 1 a claim released,
+//!                               then the claim's token: u64 BE)
 //! records: u32 BE, then each:   offset: i64 BE (the input message that staged it),
 //!                               topic: bytes, key: opt, value: opt,
 //!                               headers: u32 BE, then each: name: bytes, value: opt
@@ -61,11 +62,12 @@ pub(crate) struct Change {
     /// The stored key.
     pub(crate) key: Vec<u8>,
     pub(crate) entry: Option<Entry>,
-    /// The removal ended a claim (a release): it applies only over a
-    /// claim, never over a mark. A processor that did not know a key's
-    /// mark (a zombie) may claim and release the key after the mark's
-    /// owner published it; an unmark removes whatever is there.
-    pub(crate) release: bool,
+    /// The removal ended a claim (a release): that claim's token. It
+    /// applies only over that claim: a processor that did not know a key's
+    /// mark or claim (a zombie), or a late publication of an outbox, may
+    /// release its own claim after another owner's mark or claim reached
+    /// the changelog. An unmark removes whatever is there.
+    pub(crate) release: Option<u64>,
 }
 
 /// An outgoing record staged with a batch ([`crate::Batch::send`]): produced
@@ -129,7 +131,13 @@ impl OutboxEntry {
         for c in &self.changes {
             put_bytes(&mut v, &c.key);
             put_opt(&mut v, c.entry.map(|e| e.encode()).as_deref());
-            v.push(u8::from(c.release));
+            match c.release {
+                None => v.push(0),
+                Some(token) => {
+                    v.push(1);
+                    v.extend_from_slice(&token.to_be_bytes());
+                }
+            }
         }
         put_len(&mut v, self.records.len());
         for (offset, r) in &self.records {
@@ -174,8 +182,8 @@ impl OutboxEntry {
                 Some(e) => Some(Entry::decode(e).ok_or_else(|| bad("malformed entry"))?),
             };
             let release = match v2.then(|| r.take(1)).transpose()? {
-                None | Some([0]) => false,
-                Some([1]) if entry.is_none() => true,
+                None | Some([0]) => None,
+                Some([1]) if entry.is_none() => Some(r.u64()?),
                 Some(_) => return Err(bad("bad change kind")),
             };
             changes.push(Change {
@@ -266,6 +274,14 @@ impl<'a> Reader<'a> {
             .map_err(|_| Error::Corruption("outbox entry: length out of range".into()))
     }
 
+    fn u64(&mut self) -> Result<u64> {
+        let b: [u8; 8] = self
+            .take(8)?
+            .try_into()
+            .map_err(|_| Error::Corruption("outbox entry: truncated".into()))?;
+        Ok(u64::from_be_bytes(b))
+    }
+
     fn i64(&mut self) -> Result<i64> {
         let b: [u8; 8] = self
             .take(8)?
@@ -305,12 +321,12 @@ mod tests {
                 Change {
                     key: vec![1, b'a'],
                     entry: Some(Entry::Done { expires_at: 99 }),
-                    release: false,
+                    release: None,
                 },
                 Change {
                     key: vec![1, b'b'],
                     entry: None,
-                    release: false,
+                    release: None,
                 },
                 Change {
                     key: vec![1, b'c'],
@@ -319,12 +335,12 @@ mod tests {
                         epoch: 2,
                         token: 7,
                     }),
-                    release: false,
+                    release: None,
                 },
                 Change {
                     key: vec![1, b'd'],
                     entry: None,
-                    release: true,
+                    release: Some(7),
                 },
             ],
             records: vec![
@@ -371,14 +387,14 @@ mod tests {
         let e = OutboxEntry::decode(&v).unwrap();
         assert_eq!((e.start, e.next), (10, 13));
         assert_eq!(e.changes.len(), 2);
-        assert!(e.changes.iter().all(|c| !c.release));
+        assert!(e.changes.iter().all(|c| c.release.is_none()));
         assert_eq!(e.records, vec![(10, OutboxRecord::new("events", "k", "v"))]);
     }
 
     #[test]
     fn a_release_that_carries_an_entry_is_corruption() {
         let mut e = sample();
-        e.changes[0].release = true;
+        e.changes[0].release = Some(3);
         assert!(matches!(
             OutboxEntry::decode(&e.encode()),
             Err(Error::Corruption(_))

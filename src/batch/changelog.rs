@@ -42,26 +42,35 @@ impl Batch<'_> {
     }
 
     /// Applies one changelog record (a restore): `key` a stored key, `value`
-    /// a stored entry or `None` (removed; `release` when the removal ended a
-    /// claim). Records are applied in changelog order and the later one
-    /// wins, except where only a processor that did not know the current
-    /// entry can have written the record (another instance's changelog may
-    /// hold records of aborted transactions and of a zombie, on a broker
-    /// that does not filter or fence them):
+    /// a stored entry or `None` (removed; `release` the token of the claim
+    /// the removal ended, if it was a release). Records are applied in
+    /// changelog order and the later one wins, except where the record can
+    /// only come from a processor that did not know the current entry
+    /// (another instance's changelog may hold records of aborted
+    /// transactions, of a zombie, and of an outbox published late, on a
+    /// broker that does not filter or fence them). None of these rules reads
+    /// a clock, so instances whose clocks disagree restore alike:
     ///
     /// - a mark never trades its expiry for an earlier one: the changelog of
     ///   another instance may miss a mark this store made (a batch whose
     ///   publication was given up), and a mark is only ever made after its
     ///   side effect;
-    /// - a live mark is never replaced by a claim (a claim is only made on a
-    ///   key without a live mark) nor removed by a release (a release only
-    ///   ends a claim); an unmark removes it.
+    /// - a claim replaces a mark only if its lease ends at or after the
+    ///   mark's expiry (a claim made after the mark expired always does): so
+    ///   a zombie's claim never makes a key new before its mark would have
+    ///   expired;
+    /// - a claim over another processor's claim keeps both in doubt: the
+    ///   key stays in flight until the later lease ends, under a fresh token
+    ///   that no release names (either processor may have applied the side
+    ///   effect, and a release by one says nothing of the other);
+    /// - a release removes only the claim it names; an unmark removes
+    ///   whatever is there.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) fn restore(
         &mut self,
         key: &[u8],
         value: Option<&[u8]>,
-        release: bool,
+        release: Option<u64>,
     ) -> Result<()> {
         let bad = |reason: &str| Error::BadChangelogRecord {
             partition: self.shard.partition.clone(),
@@ -89,19 +98,37 @@ impl Batch<'_> {
             Some(staged) => staged.entry,
             None => self.engine.read_entry(&self.cf, key)?,
         };
-        let now = self.partition_now();
         let entry = match (current, entry) {
             (Some(Entry::Done { expires_at: c }), Some(Entry::Done { expires_at: e })) => {
                 Some(Entry::Done {
                     expires_at: c.max(e),
                 })
             }
-            (Some(done @ Entry::Done { expires_at }), Some(Entry::Claimed { .. }))
-                if now < expires_at =>
+            (Some(done @ Entry::Done { expires_at }), Some(Entry::Claimed { lease_until, .. }))
+                if lease_until < expires_at =>
             {
                 Some(done)
             }
-            (Some(done @ Entry::Done { .. }), None) if release => Some(done),
+            (
+                Some(Entry::Claimed {
+                    lease_until: l1,
+                    epoch: e1,
+                    token: t1,
+                }),
+                Some(Entry::Claimed {
+                    lease_until: l2,
+                    epoch: e2,
+                    token: t2,
+                }),
+            ) if t1 != t2 => Some(Entry::Claimed {
+                lease_until: l1.max(l2),
+                epoch: e1.max(e2),
+                token: crate::claim::next_token(),
+            }),
+            (current, None) if release.is_some() => match current {
+                Some(Entry::Claimed { token, .. }) if Some(token) == release => None,
+                other => other,
+            },
             (_, e) => e,
         };
         if entry == current {
@@ -133,8 +160,15 @@ impl Batch<'_> {
     /// Records the highest changelog progress a restore read, with this
     /// batch's records (see `CHANGELOG_PROGRESS_KEY`).
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
-    pub(crate) fn set_changelog_progress(&mut self, progress: i64) {
-        self.changelog_progress = Some(progress);
+    pub(crate) fn set_changelog_progress(&mut self, progress: i64) -> Result<()> {
+        // Never lowered: another consumer of this store may have restored
+        // further meanwhile (the batch holds the partition's write lock, so
+        // nothing writes it between this read and the commit).
+        let stored = self
+            .engine
+            .read_offset_key(&self.cf, crate::layout::CHANGELOG_PROGRESS_KEY)?;
+        self.changelog_progress = Some(stored.map_or(progress, |s| s.max(progress)));
+        Ok(())
     }
     /// Removes the outbox entries up to `seq` (they are published) and moves
     /// the changelog position to `changelog_next` if given, in one write.
@@ -183,8 +217,8 @@ mod tests {
         let later = Entry::Done { expires_at: far() }.encode();
         let earlier = Entry::Done { expires_at: 1 }.encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"a"), Some(&later), false).unwrap();
-        batch.restore(&key(b"a"), Some(&earlier), false).unwrap();
+        batch.restore(&key(b"a"), Some(&later), None).unwrap();
+        batch.restore(&key(b"a"), Some(&earlier), None).unwrap();
         batch.set_changelog_next(7);
         batch.commit().unwrap();
         assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
@@ -211,7 +245,7 @@ mod tests {
         assert_eq!(store.changelog_progress(&p).unwrap(), None);
         let mut batch = store.batch(&p).unwrap();
         batch.set_changelog_next(5);
-        batch.set_changelog_progress(42);
+        batch.set_changelog_progress(42).unwrap();
         batch.commit().unwrap();
         store.close().unwrap();
         let store = Store::open(dir.path(), Options::default()).unwrap();
@@ -225,7 +259,7 @@ mod tests {
         let (_dir, store, p) = store();
         store.mark(&p, b"a").unwrap();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"a"), None, false).unwrap();
+        batch.restore(&key(b"a"), None, None).unwrap();
         batch.commit().unwrap();
         assert_eq!(store.check(&p, b"a").unwrap(), Verdict::New);
     }
@@ -246,9 +280,9 @@ mod tests {
         }
         .encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"a"), Some(&claim), false).unwrap();
-        batch.restore(&key(b"b"), None, true).unwrap();
-        batch.restore(&key(b"u"), None, false).unwrap();
+        batch.restore(&key(b"a"), Some(&claim), None).unwrap();
+        batch.restore(&key(b"b"), None, Some(9)).unwrap();
+        batch.restore(&key(b"u"), None, None).unwrap();
         batch.commit().unwrap();
         assert_eq!(store.check(&p, b"a").unwrap(), Verdict::Duplicate);
         assert_eq!(store.check(&p, b"b").unwrap(), Verdict::Duplicate);
@@ -268,10 +302,10 @@ mod tests {
         .encode();
         let expired = Entry::Done { expires_at: 1 }.encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"c"), Some(&claim), false).unwrap();
-        batch.restore(&key(b"c"), None, true).unwrap();
-        batch.restore(&key(b"e"), Some(&expired), false).unwrap();
-        batch.restore(&key(b"e"), Some(&claim), false).unwrap();
+        batch.restore(&key(b"c"), Some(&claim), None).unwrap();
+        batch.restore(&key(b"c"), None, Some(9)).unwrap();
+        batch.restore(&key(b"e"), Some(&expired), None).unwrap();
+        batch.restore(&key(b"e"), Some(&claim), None).unwrap();
         batch.commit().unwrap();
         assert_eq!(store.check(&p, b"c").unwrap(), Verdict::New);
         assert!(matches!(
@@ -285,6 +319,81 @@ mod tests {
         ));
     }
 
+    fn claimed(lease_until: u64, epoch: u64, token: u64) -> Vec<u8> {
+        Entry::Claimed {
+            lease_until,
+            epoch,
+            token,
+        }
+        .encode()
+    }
+
+    fn in_flight(store: &Store, p: &Partition, k: &[u8]) -> Option<u64> {
+        match store
+            .claim(p, k, std::time::Duration::from_secs(1))
+            .unwrap()
+        {
+            crate::Claim::InFlight { holder_epoch, .. } => Some(holder_epoch),
+            _ => None,
+        }
+    }
+
+    /// Two processors' claims on one key (an owner that died after its
+    /// side effect, and a zombie or a late outbox): a release by either
+    /// leaves the key in doubt, under the later lease.
+    #[test]
+    fn a_claim_over_another_processors_claim_stays_in_doubt_whatever_either_releases() {
+        let (_dir, store, p) = store();
+        let mut batch = store.batch(&p).unwrap();
+        // Owner 5, then a zombie's claim with a short lease, then its release.
+        batch
+            .restore(&key(b"z"), Some(&claimed(far(), 5, 50)), None)
+            .unwrap();
+        batch
+            .restore(&key(b"z"), Some(&claimed(1, 2, 20)), None)
+            .unwrap();
+        batch.restore(&key(b"z"), None, Some(20)).unwrap();
+        // A takeover by the next owner, then the first owner's late release.
+        batch
+            .restore(&key(b"t"), Some(&claimed(far(), 5, 50)), None)
+            .unwrap();
+        batch
+            .restore(&key(b"t"), Some(&claimed(far(), 6, 60)), None)
+            .unwrap();
+        batch.restore(&key(b"t"), None, Some(50)).unwrap();
+        // One claim published twice (an outbox published again), released.
+        batch
+            .restore(&key(b"r"), Some(&claimed(far(), 5, 70)), None)
+            .unwrap();
+        batch
+            .restore(&key(b"r"), Some(&claimed(far(), 5, 70)), None)
+            .unwrap();
+        batch.restore(&key(b"r"), None, Some(70)).unwrap();
+        batch.commit().unwrap();
+        assert_eq!(in_flight(&store, &p, b"z"), Some(5));
+        assert_eq!(in_flight(&store, &p, b"t"), Some(6));
+        assert_eq!(store.check(&p, b"r").unwrap(), Verdict::New);
+    }
+
+    /// A release removes the claim it names only; a claim whose lease
+    /// outlasts a mark replaces it, whatever the restoring store's clock.
+    #[test]
+    fn a_release_names_its_claim_and_a_claim_outlasting_a_mark_replaces_it() {
+        let (_dir, store, p) = store();
+        store.mark(&p, b"m").unwrap();
+        let mut batch = store.batch(&p).unwrap();
+        batch
+            .restore(&key(b"c"), Some(&claimed(far(), 3, 9)), None)
+            .unwrap();
+        batch.restore(&key(b"c"), None, Some(8)).unwrap();
+        batch
+            .restore(&key(b"m"), Some(&claimed(u64::MAX, 4, 11)), None)
+            .unwrap();
+        batch.commit().unwrap();
+        assert_eq!(in_flight(&store, &p, b"c"), Some(3));
+        assert_eq!(in_flight(&store, &p, b"m"), Some(4));
+    }
+
     #[test]
     fn a_restored_claim_is_in_flight() {
         let (_dir, store, p) = store();
@@ -295,7 +404,7 @@ mod tests {
         }
         .encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"c"), Some(&claim), false).unwrap();
+        batch.restore(&key(b"c"), Some(&claim), None).unwrap();
         batch.commit().unwrap();
         assert!(matches!(
             store
@@ -313,14 +422,14 @@ mod tests {
         let (_dir, store, p) = store();
         let good = Entry::Done { expires_at: far() }.encode();
         let mut batch = store.batch(&p).unwrap();
-        batch.restore(&key(b"ok"), Some(&good), false).unwrap();
+        batch.restore(&key(b"ok"), Some(&good), None).unwrap();
         for (k, v) in [
             (b"\x00offset".to_vec(), Some(good.clone())),
             (vec![MARK_TAG], Some(good.clone())),
             (key(b"x"), Some(vec![7, 7])),
         ] {
             assert!(matches!(
-                batch.restore(&k, v.as_deref(), false),
+                batch.restore(&k, v.as_deref(), None),
                 Err(Error::BadChangelogRecord { .. })
             ));
         }

@@ -51,7 +51,7 @@ impl Batch<'_> {
     /// effect failed). Errors as for [`confirm`](Self::confirm).
     pub fn release(&mut self, token: &ClaimToken) -> Result<()> {
         self.own_claim(token)?;
-        self.stage_release(token.stored_key.clone());
+        self.stage_release(token.stored_key.clone(), token.token);
         Ok(())
     }
     /// Claims a validated key for `lease`; see

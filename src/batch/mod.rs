@@ -55,8 +55,9 @@ struct Staged {
     entry: Option<Entry>,
     /// Whether a claim is made or ended, so the shard's claim table changes.
     claims: bool,
-    /// The removal ends a claim (a release), for the changelog.
-    release: bool,
+    /// The removal ends a claim (a release): the claim's token, for the
+    /// changelog.
+    release: Option<u64>,
 }
 
 /// An open batch on one partition; see [`Store::batch`](crate::Store::batch).
@@ -537,20 +538,21 @@ impl<'s> Batch<'s> {
             Staged {
                 entry,
                 claims,
-                release: false,
+                release: None,
             },
         );
     }
 
-    /// Stages the removal of a claim (a release): to the changelog it is a
-    /// removal that applies only over a claim (see [`Change::release`]).
-    fn stage_release(&mut self, k: Vec<u8>) {
+    /// Stages the removal of claim `token` (a release): to the changelog it
+    /// is a removal that applies only over that claim (see
+    /// [`Change::release`]).
+    fn stage_release(&mut self, k: Vec<u8>, token: u64) {
         self.staged.insert(
             k,
             Staged {
                 entry: None,
                 claims: true,
-                release: true,
+                release: Some(token),
             },
         );
     }

@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | a mark or a claim | the stored key (`0x01 ++ key`, or `0x01 ++ xxh3_128(key)`) | the stored entry (9 bytes for a mark, 25 for a claim) |
 //! | a removed mark or claim | the stored key | none (a tombstone) |
-//! | a released claim | the stored key | none (a tombstone), with the header [`RELEASE_HEADER`] |
+//! | a released claim | the stored key | none (a tombstone), with the header [`RELEASE_HEADER`]: the claim's token (u64 BE) |
 //! | progress | [`PROGRESS_KEY`] | the input offset the batch committed (i64 BE) |
 //!
 //! Values are exactly what the store keeps, so a record never carries a
@@ -36,9 +36,11 @@ use crate::Partition;
 /// committed. Metadata keys start with `0x00`, stored mark keys with `0x01`.
 pub const PROGRESS_KEY: &[u8] = b"\x00offset";
 
-/// The header of a tombstone that ended a claim (a release): a restore
-/// applies it over a claim only, never over a mark, which only a processor
-/// that did not know the mark (a zombie) can have released after it.
+/// The header of a tombstone that ended a claim (a release), its value the
+/// claim's token (u64 BE): a restore applies it over that claim only, never
+/// over a mark or another processor's claim, which only a processor that
+/// did not know them (a zombie, a late publication of an outbox) can have
+/// released after them.
 pub const RELEASE_HEADER: &str = "exactly-release";
 
 /// Kafka's longest topic name.
@@ -361,10 +363,11 @@ impl Changelog {
             for entry in list {
                 for change in &entry.changes {
                     let value = change.entry.map(|e| e.encode());
-                    let headers = change.release.then(|| {
+                    let token = change.release.map(u64::to_be_bytes);
+                    let headers = token.as_ref().map(|token| {
                         OwnedHeaders::new().insert(Header {
                             key: RELEASE_HEADER,
-                            value: None::<&[u8]>,
+                            value: Some(token.as_slice()),
                         })
                     });
                     self.send(

@@ -134,11 +134,16 @@ pub(super) fn restore(
 
 /// Ends a chunk of a restore: the changelog position it got to and the
 /// progress it read go in the same write as its records.
-fn end_chunk(batch: &mut crate::Batch<'_>, position: i64, progress: Option<i64>) {
+fn end_chunk(
+    batch: &mut crate::Batch<'_>,
+    position: i64,
+    progress: Option<i64>,
+) -> crate::Result<()> {
     batch.set_changelog_next(position);
     if let Some(progress) = progress {
-        batch.set_changelog_progress(progress);
+        batch.set_changelog_progress(progress)?;
     }
+    Ok(())
 }
 
 /// [`restore`]'s work, logging its start, progress and end.
@@ -236,7 +241,7 @@ fn restore_logged(
                     // Not caught up: what is committed so far stays (the
                     // next attempt resumes from it), but the partition is
                     // not handed to the application with marks missing.
-                    end_chunk(&mut batch, position, restored.progress);
+                    end_chunk(&mut batch, position, restored.progress)?;
                     batch.commit()?;
                     warn!(
                         partition = %partition,
@@ -273,14 +278,32 @@ fn restore_logged(
                             Some(restored.progress.map_or(offset, |p| p.max(offset)));
                     }
                 } else {
-                    let release = m
-                        .headers()
-                        .is_some_and(|h| h.iter().any(|header| header.key == RELEASE_HEADER));
+                    // A release names the claim it ended (its token).
+                    let release = m.headers().and_then(|h| {
+                        h.iter()
+                            .find(|header| header.key == RELEASE_HEADER)
+                            .map(|header| {
+                                header
+                                    .value
+                                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                                    .map(u64::from_be_bytes)
+                            })
+                    });
+                    let release = match release {
+                        None => None,
+                        Some(Some(token)) => Some(token),
+                        Some(None) => {
+                            return Err(RestoreError::Store(crate::Error::BadChangelogRecord {
+                                partition: partition.clone(),
+                                reason: "a release without the token of its claim".into(),
+                            }))
+                        }
+                    };
                     batch.restore(key, m.payload(), release)?;
                 }
                 in_batch += 1;
                 if in_batch >= CHUNK {
-                    end_chunk(&mut batch, position, restored.progress);
+                    end_chunk(&mut batch, position, restored.progress)?;
                     batch.commit()?;
                     report(restored.records, bytes, position);
                     batch = store.batch(partition)?;
@@ -289,7 +312,7 @@ fn restore_logged(
             }
         }
     }
-    end_chunk(&mut batch, position, restored.progress);
+    end_chunk(&mut batch, position, restored.progress)?;
     batch.commit()?;
     report(restored.records, bytes, position);
     info!(
