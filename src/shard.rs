@@ -88,6 +88,8 @@ impl Shard {
         init: ShardInit,
         cf_shared: Arc<CfShared>,
     ) -> Self {
+        let metrics = ShardMetrics::new(&partition);
+        metrics.assigned(init.offset);
         Self {
             cf_name,
             writer: Arc::new(Mutex::new(WriterState { revoked: false })),
@@ -100,7 +102,7 @@ impl Shard {
             claim_count: AtomicUsize::new(init.claims.len()),
             claims: Mutex::new(init.claims),
             counters: Counters::default(),
-            metrics: ShardMetrics::new(&partition),
+            metrics,
             cf_shared,
             snapshot_key: AtomicBool::new(init.snapshot_key),
             from_snapshot: init.from_snapshot,
@@ -201,9 +203,16 @@ impl Shard {
     }
 
     /// Publishes the counters of a revoked shard and zeroes its gauges.
+    /// Checks that found the shard before it left the store's map may still
+    /// count: they are published when the shard is dropped.
     pub(crate) fn revoked_metrics(&self) {
         self.publish_metrics();
         self.metrics.revoked();
+    }
+
+    /// Sets the offset gauge of a deleted partition to zero.
+    pub(crate) fn deleted_metrics(&self) {
+        self.metrics.deleted();
     }
 
     /// Publishes a higher committed event time and watermark; call with the
@@ -314,5 +323,13 @@ impl Shard {
     /// Publishes a committed offset; call with the write lock held.
     pub(crate) fn set_committed_offset(&self, offset: i64) {
         self.offset.store(offset, Ordering::Release);
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        // What was counted after the revoke published (by checks that found
+        // the shard before it left the store's map).
+        self.publish_metrics();
     }
 }

@@ -85,6 +85,20 @@ pub(crate) struct ShardMetrics {
     created: Instant,
     /// When a commit last refreshed the gauges, in ms since `created`.
     refreshed_ms: AtomicU64,
+    /// What the gauges were last set from; held while they are set, so that
+    /// a revoke and a racing `stats()` or commit set them in one order.
+    gauges: parking_lot::Mutex<GaugeState>,
+}
+
+/// See [`ShardMetrics::gauges`].
+#[derive(Default)]
+struct GaugeState {
+    /// Revoked: the gauges read zero and are set no more by this shard (a
+    /// `stats()` that found the shard before it left the map comes late).
+    revoked: bool,
+    /// The highest committed offset the gauge was set to: a `stats()` that
+    /// read the offset before a commit must not set it back.
+    offset: Option<i64>,
 }
 
 /// A counter handle and the value of the source counter published so far.
@@ -151,7 +165,27 @@ impl ShardMetrics {
             commit_seconds: histogram!(COMMIT_SECONDS, &labels),
             created: Instant::now(),
             refreshed_ms: AtomicU64::new(0),
+            gauges: parking_lot::Mutex::new(GaugeState::default()),
         }
+    }
+
+    /// Sets the offset gauge to the partition's offset at assign (zero when
+    /// it has none: deleted, or new).
+    pub(crate) fn assigned(&self, offset: Option<i64>) {
+        let mut state = self.gauges.lock();
+        state.offset = offset;
+        self.committed_offset.set(offset.unwrap_or(0) as f64);
+    }
+
+    /// Sets the offset gauge to `offset` unless it is lower than what the
+    /// gauge shows, or the shard was revoked.
+    fn set_offset(&self, state: &mut GaugeState, offset: Option<i64>) {
+        let Some(offset) = offset else { return };
+        if state.revoked || state.offset.is_some_and(|o| o > offset) {
+            return;
+        }
+        state.offset = Some(offset);
+        self.committed_offset.set(offset as f64);
     }
 
     /// Publishes the counters: the shard's, and `dropped`, the expired marks
@@ -182,9 +216,7 @@ impl ShardMetrics {
     pub(crate) fn committed(&self, started: Instant, offset: Option<i64>) -> bool {
         let now = Instant::now();
         self.commit_seconds.record(now.duration_since(started));
-        if let Some(offset) = offset {
-            self.committed_offset.set(offset as f64);
-        }
+        self.set_offset(&mut self.gauges.lock(), offset);
         let ms = u64::try_from(now.duration_since(self.created).as_millis()).unwrap_or(u64::MAX);
         let due = ms.saturating_sub(self.refreshed_ms.load(Ordering::Relaxed)) >= GAUGE_REFRESH_MS;
         if due {
@@ -195,19 +227,32 @@ impl ShardMetrics {
 
     /// Sets the gauges of live marks, filter memory and committed offset.
     pub(crate) fn set_gauges(&self, live_keys: u64, filter_bytes: usize, offset: Option<i64>) {
+        let mut state = self.gauges.lock();
+        if state.revoked {
+            return;
+        }
         self.marks_live.set(live_keys as f64);
         self.filter_bytes.set(filter_bytes as f64);
-        if let Some(offset) = offset {
-            self.committed_offset.set(offset as f64);
-        }
+        self.set_offset(&mut state, offset);
     }
 
     /// The partition was revoked: its filter is freed and nothing refreshes
     /// its gauges any more, so they read zero (the committed offset keeps
     /// its last value, which stays true on disk).
     pub(crate) fn revoked(&self) {
+        let mut state = self.gauges.lock();
+        state.revoked = true;
         self.marks_live.set(0.0);
         self.filter_bytes.set(0.0);
+    }
+
+    /// The partition was deleted: its offset gauge reads zero, as a new
+    /// partition's does.
+    pub(crate) fn deleted(&self) {
+        let mut state = self.gauges.lock();
+        state.revoked = true;
+        state.offset = None;
+        self.committed_offset.set(0.0);
     }
 }
 

@@ -254,6 +254,7 @@ impl Store {
                     Ok(()) | Err(Error::NotAssigned(_)) => {}
                     Err(e) => return Err(e),
                 }
+                shard.deleted_metrics();
             }
             let membership = self.membership.lock();
             // Checked under membership, which every assign holds: if it was

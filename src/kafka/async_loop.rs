@@ -18,6 +18,7 @@
 //! is the same.
 
 use std::future::Future;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use rdkafka::message::OwnedMessage;
@@ -37,6 +38,21 @@ use crate::Batch;
 /// current-thread runtime does not allow; there each call returns
 /// [`ConsumeError::Runtime`] and touches nothing. Handlers run one at a
 /// time, in message order, as in the synchronous loop.
+///
+/// What running the batch in `block_in_place` means for the caller:
+///
+/// - **The calling task is blocked for the whole batch.** A handler must
+///   not wait for something that only the calling task drives: a future
+///   joined or selected with `poll_batch` in the same task never runs, and
+///   the handler waits forever. Spawn such work as a task of its own.
+/// - **The future cannot be cancelled.** The batch runs in its first poll,
+///   so `tokio::time::timeout` or `select!` around `poll_batch` take effect
+///   only once the batch is done (nothing is left half-done either). Put
+///   deadlines inside the handler.
+/// - **A handler that panics** unwinds through `poll_batch`; the consumer
+///   is first put back at the first message of each partition whose batch
+///   was not committed, so a caller that catches the panic (a task's
+///   `JoinError`) and polls again loses nothing.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -109,7 +125,7 @@ impl AsyncIdempotentConsumer {
     {
         let handle = runtime()?;
         let inner = &mut self.inner;
-        tokio::task::block_in_place(|| {
+        blocking(|| {
             inner.poll_batch(timeout, |m, key| {
                 handle.block_on(handler(m.detach(), key.map(<[u8]>::to_vec)))
             })
@@ -134,7 +150,7 @@ impl AsyncIdempotentConsumer {
     {
         let handle = runtime()?;
         let inner = &mut self.inner;
-        tokio::task::block_in_place(|| {
+        blocking(|| {
             inner.poll_batch_outbox(timeout, |m, key, batch: &mut Batch<'_>| {
                 let records = handle.block_on(handler(m.detach(), key.map(<[u8]>::to_vec)))?;
                 for record in records {
@@ -159,11 +175,34 @@ impl AsyncIdempotentConsumer {
     {
         let handle = runtime()?;
         let inner = &mut self.inner;
-        tokio::task::block_in_place(|| {
+        blocking(|| {
             inner.poll_batch_claimed(timeout, |m, key, delivery, _| {
                 handle.block_on(handler(m.detach(), key.map(<[u8]>::to_vec), delivery))
             })
         })
+    }
+}
+
+/// Runs `f` (a poll batch of the synchronous loop) in `block_in_place`. A
+/// refusal by `block_in_place` itself, before `f` runs (a current-thread
+/// runtime whose context a multi-threaded runtime's entered handle hides
+/// from [`runtime`]), is [`ConsumeError::Runtime`]; a panic in `f` (a
+/// handler's) goes on to the caller.
+fn blocking<T, E>(f: impl FnOnce() -> Result<T, ConsumeError<E>>) -> Result<T, ConsumeError<E>> {
+    let mut entered = false;
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        tokio::task::block_in_place(|| {
+            entered = true;
+            f()
+        })
+    }));
+    match result {
+        Ok(r) => r,
+        Err(_) if !entered => Err(ConsumeError::Runtime {
+            reason: "runs on a current-thread runtime (a multi-threaded runtime's handle is \
+                     entered, but this thread is not one of its workers)",
+        }),
+        Err(panic) => resume_unwind(panic),
     }
 }
 

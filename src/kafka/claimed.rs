@@ -11,6 +11,7 @@
 //! processor that stopped between the phases: its side effect may have
 //! happened, so the key is delivered as [`Delivery::InDoubt`].
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use rdkafka::message::{BorrowedMessage, Message};
@@ -18,8 +19,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use super::consumer::IdempotentConsumer;
 use super::error::ConsumeError;
 use super::keys::MissingKey;
-use super::poll::PollReport;
-use super::poll::{by_partition, PartitionResult, MIN_CLAIM_LEASE};
+use super::poll::{by_partition, first_offsets, PartitionResult, PollReport, MIN_CLAIM_LEASE};
 use super::publish::ToPublish;
 use crate::batch::{Batch, Taken};
 use crate::{ClaimToken, Error, Partition};
@@ -166,10 +166,7 @@ impl IdempotentConsumer {
         if let Some(e) = failed.or(published.err()) {
             // Nothing was handled: every partition starts again at its first
             // message (claims already written are delivered in doubt).
-            let positions: Vec<(Partition, i64)> = grouped
-                .iter()
-                .filter_map(|(p, msgs)| msgs.first().map(|m| (p.clone(), m.offset())))
-                .collect();
+            let positions = first_offsets(&grouped);
             drop(claimed);
             drop(grouped);
             drop(messages);
@@ -177,22 +174,32 @@ impl IdempotentConsumer {
             return Err(e);
         }
 
-        // Phase two: handle, then confirm with the offset.
-        let mut stop = false;
-        for (p, msgs, c) in claimed {
-            let result = if stop {
-                // Not handled after an earlier partition's error: its claims
-                // are released, and its messages come again as new.
-                self.release_partition(&p, msgs, c)
-            } else {
-                self.confirm_partition(&p, msgs, c, &mut handler, &mut report)
-            };
-            stop = stop || result.outcome.is_err();
-            results.push((p, result));
-        }
+        // Phase two: handle, then confirm with the offset. A handler that
+        // panics leaves its claims standing (delivered in doubt again).
+        let firsts = first_offsets(&grouped);
+        let handled = catch_unwind(AssertUnwindSafe(|| {
+            let mut stop = false;
+            for (p, msgs, c) in claimed {
+                let result = if stop {
+                    // Not handled after an earlier partition's error: its
+                    // claims are released, and its messages come again as new.
+                    self.release_partition(&p, msgs, c)
+                } else {
+                    self.confirm_partition(&p, msgs, c, &mut handler, &mut report)
+                };
+                stop = stop || result.outcome.is_err();
+                results.push((p, result));
+            }
+        }));
         drop(grouped);
         drop(messages);
-        self.finish_poll(results, report)
+        match handled {
+            Ok(()) => self.finish_poll(results, report),
+            Err(panic) => {
+                self.after_panic(&firsts);
+                resume_unwind(panic)
+            }
+        }
     }
 
     /// Phase one for one partition: claims each message's key in one store
@@ -252,10 +259,7 @@ impl IdempotentConsumer {
                         token,
                         holder_epoch,
                     },
-                )) => {
-                    report.in_doubt += 1;
-                    Some(Some((key, token, Delivery::InDoubt { holder_epoch })))
-                }
+                )) => Some(Some((key, token, Delivery::InDoubt { holder_epoch }))),
             };
             if let Some(claim) = claim {
                 claimed.items.push(Item { message: m, claim });
@@ -327,6 +331,11 @@ impl IdempotentConsumer {
                 Some((key, _, delivery)) => (Some(key.as_slice()), *delivery),
                 None => (None, Delivery::New),
             };
+            // Counted when handed to the handler: a partition not handled
+            // in this poll delivers its in-doubt keys again in the next.
+            if matches!(delivery, Delivery::InDoubt { .. }) {
+                report.in_doubt += 1;
+            }
             if let Err(source) = metrics.time(|| handler(m, key, delivery, &mut batch)) {
                 batch.truncate_outbox(staged);
                 // Not applied: this message and the ones after it are

@@ -1,5 +1,6 @@
 //! The idempotent poll loop.
 
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -13,7 +14,7 @@ use super::context::{DedupConsumer, DedupContext, RebalanceFailure};
 use super::error::ConsumeError;
 use super::keys::{KeySource, MissingKey};
 use super::metrics::LoopMetrics;
-use super::poll::{by_partition, PartitionResult, PollReport, DEFAULT_CLAIM_LEASE};
+use super::poll::{by_partition, first_offsets, PartitionResult, PollReport, DEFAULT_CLAIM_LEASE};
 use super::publish::{ChangelogState, Restores, ToPublish};
 use crate::batch::Batch;
 use crate::{Error, Partition};
@@ -175,19 +176,52 @@ impl IdempotentConsumer {
         let mut report = PollReport::default();
         self.before_poll(&mut report)?;
         let messages = self.poll_checked(timeout, &mut report)?;
-        let mut results = Vec::new();
-        let mut failed = false;
-        for (p, msgs) in by_partition(&messages) {
-            let result = if failed {
-                PartitionResult::not_run(&msgs)
-            } else {
-                self.process_partition(&p, &msgs, &mut handler, &mut report)
-            };
-            failed = failed || result.outcome.is_err();
-            results.push((p, result));
-        }
+        let grouped = by_partition(&messages);
+        let firsts = first_offsets(&grouped);
+        let handled = catch_unwind(AssertUnwindSafe(|| {
+            let mut results = Vec::new();
+            let mut failed = false;
+            for (p, msgs) in &grouped {
+                let result = if failed {
+                    PartitionResult::not_run(msgs)
+                } else {
+                    self.process_partition(p, msgs, &mut handler, &mut report)
+                };
+                failed = failed || result.outcome.is_err();
+                results.push((p.clone(), result));
+            }
+            results
+        }));
+        drop(grouped);
         drop(messages);
-        self.finish_poll(results, report)
+        match handled {
+            Ok(results) => self.finish_poll(results, report),
+            Err(panic) => {
+                self.after_panic(&firsts);
+                resume_unwind(panic)
+            }
+        }
+    }
+
+    /// After a handler panicked (the panic goes on to the caller): puts each
+    /// partition of the poll batch back at the first message whose batch was
+    /// not committed, so that a caller that catches the panic and polls
+    /// again gets them again instead of skipping them, and makes the next
+    /// poll publish what the committed batches left in the outbox.
+    pub(super) fn after_panic(&self, firsts: &[(Partition, i64)]) {
+        let store = self.context().store();
+        let positions: Vec<(Partition, i64)> = firsts
+            .iter()
+            .map(|(p, first)| {
+                let committed = store.committed_offset(p).ok().flatten();
+                (p.clone(), committed.map_or(*first, |c| c.max(*first)))
+            })
+            .collect();
+        // A failed seek is kept and retried by the next poll.
+        let _ = self.rewind::<()>(&positions);
+        if let Some(changelog) = &self.changelog {
+            changelog.publish_later(positions.into_iter().map(|(p, _)| p));
+        }
     }
 
     /// Before a poll: reports a rebalance failure, seeks what a failed

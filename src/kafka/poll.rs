@@ -91,6 +91,18 @@ impl<E> PartitionResult<E> {
 }
 
 /// A poll batch's messages by partition, in offset order.
+/// The offset of each partition's first message in a poll batch grouped by
+/// [`by_partition`]: where the partition starts again when nothing of the
+/// batch was handled.
+pub(super) fn first_offsets(
+    grouped: &BTreeMap<Partition, Vec<&BorrowedMessage<'_>>>,
+) -> Vec<(Partition, i64)> {
+    grouped
+        .iter()
+        .filter_map(|(p, msgs)| msgs.first().map(|m| (p.clone(), m.offset())))
+        .collect()
+}
+
 pub(super) fn by_partition<'a, 'm>(
     messages: &'a [BorrowedMessage<'m>],
 ) -> BTreeMap<Partition, Vec<&'a BorrowedMessage<'m>>> {

@@ -350,6 +350,12 @@ impl ChangelogState {
         Ok(())
     }
 
+    /// Makes the next poll publish what `partitions`' outboxes hold (a
+    /// handler panicked after some of them committed their batches).
+    pub(super) fn publish_later(&self, partitions: impl IntoIterator<Item = Partition>) {
+        self.pending.lock().extend(partitions);
+    }
+
     /// Publishes the outbox entries a failed transaction left, before
     /// anything else is processed.
     pub(super) fn publish_pending<E>(
