@@ -16,23 +16,12 @@ use exactly::kafka::rdkafka::config::ClientConfig;
 use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use exactly::kafka::{
-    changelog_topic, Changelog, ConsumeError, DedupContext, Delivery, GroupStore,
-    IdempotentConsumer, KeySource,
+    changelog_topic, DedupContext, Delivery, GroupStore, IdempotentConsumer, KeySource,
 };
-use exactly::{ManualClock, Options, Partition, Store};
+use exactly::{ManualClock, Options, Store};
 
+use kafka_support::zombie::*;
 use kafka_support::*;
-
-fn changelog(servers: &str, name: &str) -> Changelog {
-    Changelog::new(
-        &client(servers),
-        GROUP,
-        name,
-        Duration::from_secs(8 * 24 * 3600),
-        Duration::from_secs(10),
-    )
-    .unwrap()
-}
 
 fn member_with(servers: &str, dir: &Path, name: &str, options: Options) -> Instance {
     let store = Arc::new(Store::open(dir, options).unwrap());
@@ -49,40 +38,6 @@ fn member_with(servers: &str, dir: &Path, name: &str, options: Options) -> Insta
 
 fn member(servers: &str, dir: &Path, name: &str) -> Instance {
     member_with(servers, dir, name, Options::default())
-}
-
-/// As in tests/kafka_zombies.rs: an instance that lost partition 0 without
-/// knowing it, reading it from offset 0 on a store that never saw the new
-/// owner's records, publishing to the changelog (nothing fences it on the
-/// mock cluster; a broker that does not filter aborted records shows its
-/// records to a restore all the same).
-fn zombie(servers: &str, dir: &Path) -> Instance {
-    let store = Arc::new(Store::open(dir, Options::default()).unwrap());
-    store.assign(&p0()).unwrap();
-    let group = GroupStore::new(store.clone());
-    let consumer: BaseConsumer<DedupContext> = consumer_config(servers)
-        .create_with_context(DedupContext::new(&group))
-        .unwrap();
-    let mut tpl = exactly::kafka::rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(TOPIC, 0, exactly::kafka::rdkafka::Offset::Offset(0))
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let consumer = IdempotentConsumer::new(consumer, KeySource::header(HEADER))
-        .changelog(changelog(servers, "zombie"));
-    Instance { consumer, store }
-}
-
-fn p0() -> Partition {
-    Partition::new(TOPIC, 0)
-}
-
-fn last_record_of(servers: &str, key: &str) -> Option<Option<Vec<u8>>> {
-    let mut stored = vec![1u8];
-    stored.extend_from_slice(key.as_bytes());
-    read_all(servers, &changelog_topic(GROUP, TOPIC), 0)
-        .into_iter()
-        .rfind(|(k, _)| *k == stored)
-        .map(|(_, v)| v)
 }
 
 /// Claim mode until the store's offsets reach `ends`: a new key is applied,
@@ -171,22 +126,7 @@ fn a_zombie_release_does_not_end_the_owners_in_doubt_claim() {
     );
 
     // The zombie's handler fails; it releases the claim it made.
-    let mut z = zombie(&servers, dirs[1].path());
-    let started = Instant::now();
-    loop {
-        let result = z
-            .consumer
-            .poll_batch_claimed(Duration::from_millis(100), |_, _, _, _| {
-                Err::<(), _>("downstream timed out")
-            });
-        match result {
-            Err(ConsumeError::Handler { .. }) => break,
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
-        }
-        assert!(started.elapsed() < DEADLINE, "the zombie handled nothing");
-    }
-    drop(z);
+    zombie_claims_and_releases(&servers, dirs[1].path());
     assert_eq!(
         last_record_of(&servers, "order-0"),
         Some(None),

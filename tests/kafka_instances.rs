@@ -41,13 +41,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use exactly::kafka::rdkafka::message::{Header, OwnedHeaders};
-use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use exactly::kafka::rdkafka::producer::BaseProducer;
 
 use child::{child, now_micros, Spec, DIED_IN_RESTORE};
 use judge::{judge, read_events, Fate, Verdicts};
 use kafka_support::broker::{nisshi, Broker, SKIPPED};
-use kafka_support::{client, cluster, HEADER, PARTITIONS, TOPIC};
+use kafka_support::{client, cluster, send};
 
 const INSTANCES: [&str; 3] = ["a", "b", "c"];
 /// New keys per production step, and resends of old keys among them.
@@ -303,32 +302,6 @@ impl Drop for Scenario {
     }
 }
 
-/// Sends `keys` (key `k{i}` on partition `i % PARTITIONS`, as a keyed
-/// producer would place it) and counts the end offsets.
-fn send(producer: &BaseProducer, keys: &[usize], ends: &mut HashMap<i32, i64>) {
-    for &i in keys {
-        let partition = (i % PARTITIONS as usize) as i32;
-        let key = format!("k{i}");
-        let headers = OwnedHeaders::new().insert(Header {
-            key: HEADER,
-            value: Some(key.as_bytes()),
-        });
-        producer
-            .send(
-                BaseRecord::to(TOPIC)
-                    .partition(partition)
-                    .key(key.as_bytes())
-                    .payload("payload")
-                    .headers(headers),
-            )
-            .map_err(|(e, _)| e)
-            .unwrap();
-        *ends.entry(partition).or_default() += 1;
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).unwrap();
-}
-
 /// Runs the scenario of this file's header in `mode` against `servers`.
 fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
     let mut rng = Rng(seed | 1);
@@ -356,7 +329,7 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
         }
         produced.extend(keys.iter().copied());
         let before = s.committed();
-        send(&producer, &keys, &mut ends);
+        send(&producer, keys.iter().copied(), &mut ends);
         s.restart_exited();
         if let Some((incarnation, at)) = &resume {
             if *at <= Instant::now() {
@@ -401,7 +374,7 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
     let keys: Vec<usize> = (0..FINAL_RESENDS)
         .map(|_| rng.below(next as u64) as usize)
         .collect();
-    send(&producer, &keys, &mut ends);
+    send(&producer, keys.iter().copied(), &mut ends);
 
     let started = Instant::now();
     loop {

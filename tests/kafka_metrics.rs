@@ -14,10 +14,9 @@
 //! A process has one global recorder: this file holds one test.
 
 mod kafka_support;
+mod metrics_support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -26,6 +25,7 @@ use exactly::{Partition, PartitionStats};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 use kafka_support::*;
+use metrics_support::{free_port, scrape, Scraped};
 
 /// The key whose handler fails once, in the second run (partition 1).
 const FAILING: &[u8] = b"order-85";
@@ -71,7 +71,7 @@ fn loop_metrics_agree_with_what_was_produced_and_reported() {
     run_a.assert_sums(&model);
     assert_eq!(scraped.get(REBALANCES, &[("kind", "assign")]), Some(1.0));
     assert_eq!(
-        scraped.rebalances(),
+        scraped.sum(REBALANCES),
         a.consumer.context().rebalances() as f64,
         "every rebalance callback counted once"
     );
@@ -366,75 +366,4 @@ fn labels(p: &Partition) -> Vec<(&'static str, &str)> {
         n => panic!("partition {n}"),
     };
     vec![("topic", TOPIC), ("partition", number)]
-}
-
-/// A loopback port nobody listens on (bound, then released).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// The samples of one scrape, by metric name and label set (a summary's
-/// quantile lines left out).
-struct Scraped(HashMap<(String, BTreeMap<String, String>), f64>);
-
-impl Scraped {
-    /// The sample of `name` with exactly the labels `labels`.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let labels = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self.0.get(&(name.to_owned(), labels)).copied()
-    }
-
-    /// The rebalance callbacks of every kind.
-    fn rebalances(&self) -> f64 {
-        self.0
-            .iter()
-            .filter(|((name, _), _)| name == REBALANCES)
-            .map(|(_, v)| v)
-            .sum()
-    }
-}
-
-/// GETs `/metrics` with a plain HTTP/1.0 request (the response is
-/// delimited by the end of the connection) and parses the text format.
-fn scrape(port: u16) -> Scraped {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    let mut samples = HashMap::new();
-    for line in body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (series, value) = line.rsplit_once(' ').expect("a sample line");
-        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
-        let labels: BTreeMap<String, String> = labels
-            .trim_end_matches('}')
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-            .collect();
-        if labels.contains_key("quantile") {
-            continue;
-        }
-        samples.insert(
-            (name.to_owned(), labels),
-            value.parse::<f64>().expect("a number"),
-        );
-    }
-    Scraped(samples)
 }

@@ -18,25 +18,15 @@ use std::time::{Duration, Instant};
 use exactly::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use exactly::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use exactly::kafka::{
-    changelog_topic, Changelog, ConsumeError, DedupContext, GroupStore, IdempotentConsumer,
-    KeySource, PollReport,
+    changelog_topic, ConsumeError, DedupContext, GroupStore, IdempotentConsumer, KeySource,
+    PollReport,
 };
-use exactly::{Options, OutboxRecord, Partition, Store};
+use exactly::{Options, OutboxRecord, Store};
 
+use kafka_support::zombie::*;
 use kafka_support::*;
 
 const INVOICES: &str = "invoices";
-
-fn changelog(servers: &str, name: &str) -> Changelog {
-    Changelog::new(
-        &client(servers),
-        GROUP,
-        name,
-        Duration::from_secs(8 * 24 * 3600),
-        Duration::from_secs(10),
-    )
-    .unwrap()
-}
 
 /// A group member in changelog mode with its own store; `max_batch`
 /// messages per poll batch, fetches large enough to fill one.
@@ -70,10 +60,6 @@ fn poll_invoicing(
                 .unwrap();
             Ok(())
         })
-}
-
-fn p0() -> Partition {
-    Partition::new(TOPIC, 0)
 }
 
 fn keys_of(records: &[(Vec<u8>, Option<Vec<u8>>)]) -> BTreeSet<String> {
@@ -179,29 +165,6 @@ fn an_outbox_entry_that_another_instance_processed_only_in_part_keeps_the_record
     );
 }
 
-/// An instance that lost partition 0 without knowing it (paused past its
-/// session timeout, say) and whose store never saw the new owner's marks:
-/// it still reads the partition from offset 0 and publishes to its
-/// changelog. On the mock cluster nothing fences it; on a broker with
-/// KIP-447 its transactions abort, and a broker that does not filter
-/// aborted records still shows them to the restore.
-fn zombie(servers: &str, dir: &Path) -> Instance {
-    let store = Arc::new(Store::open(dir, Options::default()).unwrap());
-    store.assign(&p0()).unwrap();
-    let group = GroupStore::new(store.clone());
-    let consumer: BaseConsumer<DedupContext> = consumer_config(servers)
-        .create_with_context(DedupContext::new(&group))
-        .unwrap();
-    let mut tpl = exactly::kafka::rdkafka::TopicPartitionList::new();
-    tpl.add_partition_offset(TOPIC, 0, exactly::kafka::rdkafka::Offset::Offset(0))
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let consumer = IdempotentConsumer::new(consumer, KeySource::header(HEADER))
-        .changelog(changelog(servers, "zombie"))
-        .claim_lease(exactly::kafka::MIN_CLAIM_LEASE);
-    Instance { consumer, store }
-}
-
 /// Runs a group member in the plain changelog loop until its store's
 /// offsets reach `ends`, applying each key.
 fn run_member(instance: &mut Instance, ends: &HashMap<i32, i64>, sink: &Sink) {
@@ -210,17 +173,6 @@ fn run_member(instance: &mut Instance, ends: &HashMap<i32, i64>, sink: &Sink) {
         poll_invoicing(instance, sink).unwrap();
         assert!(started.elapsed() < DEADLINE, "did not reach {ends:?}");
     }
-}
-
-/// The last changelog record of partition 0 for `key`, as (is a claim,
-/// is a removal).
-fn last_record_of(servers: &str, key: &str) -> Option<Option<Vec<u8>>> {
-    let mut stored = vec![1u8];
-    stored.extend_from_slice(key.as_bytes());
-    read_all(servers, &changelog_topic(GROUP, TOPIC), 0)
-        .into_iter()
-        .rfind(|(k, _)| *k == stored)
-        .map(|(_, v)| v)
 }
 
 /// Promise: a key whose mark was acknowledged (and published) is never
@@ -254,22 +206,7 @@ fn a_zombie_release_published_after_a_mark_does_not_make_the_marked_key_new() {
 
     // The zombie's handler fails (its downstream call timed out): the
     // claim it made on a key it saw as new is released.
-    let mut z = zombie(&servers, dirs[1].path());
-    let started = Instant::now();
-    loop {
-        let result = z
-            .consumer
-            .poll_batch_claimed(Duration::from_millis(100), |_, _, _, _| {
-                Err::<(), _>("downstream timed out")
-            });
-        match result {
-            Err(ConsumeError::Handler { .. }) => break,
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
-        }
-        assert!(started.elapsed() < DEADLINE, "the zombie handled nothing");
-    }
-    drop(z);
+    zombie_claims_and_releases(&servers, dirs[1].path());
     assert_eq!(
         last_record_of(&servers, "order-0"),
         Some(None),

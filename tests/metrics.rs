@@ -7,14 +7,15 @@
 //! A process has one global recorder: this file holds one test.
 
 mod common;
+mod metrics_support;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use exactly::{Partition, PartitionStats, Verdict};
 use metrics_exporter_prometheus::PrometheusBuilder;
+
+use metrics_support::{free_port, scrape, Scraped};
 
 const ROUNDS: u64 = 4;
 const PER_BATCH: u64 = 200;
@@ -71,12 +72,12 @@ fn scraped_metrics_agree_with_stats() {
         assert!(s.duplicates > 0 && s.bloom_negatives > 0, "{p}: {s:?}");
         assert_counters(&scraped, p, s);
         assert_eq!(
-            scraped.get("exactly_commit_seconds_count", p),
+            scraped.partition("exactly_commit_seconds_count", p),
             Some(commits[p] as f64),
             "{p}: one commit latency per commit"
         );
         assert_eq!(
-            scraped.get("exactly_committed_offset", p),
+            scraped.partition("exactly_committed_offset", p),
             s.committed_offset.map(|o| o as f64),
             "{p}: committed offset"
         );
@@ -100,12 +101,12 @@ fn scraped_metrics_agree_with_stats() {
         let s = &stats[p];
         assert!(s.filter_bytes > 0, "{p}: {s:?}");
         assert_eq!(
-            scraped.get("exactly_marks_live", p),
+            scraped.partition("exactly_marks_live", p),
             Some(s.live_keys_estimate as f64),
             "{p}: marks live"
         );
         assert_eq!(
-            scraped.get("exactly_filter_bytes", p),
+            scraped.partition("exactly_filter_bytes", p),
             Some(s.filter_bytes as f64),
             "{p}: filter bytes"
         );
@@ -115,8 +116,8 @@ fn scraped_metrics_agree_with_stats() {
     let p2 = &partitions[2];
     store.revoke(p2).unwrap();
     let scraped = scrape(port);
-    assert_eq!(scraped.get("exactly_filter_bytes", p2), Some(0.0));
-    assert_eq!(scraped.get("exactly_marks_live", p2), Some(0.0));
+    assert_eq!(scraped.partition("exactly_filter_bytes", p2), Some(0.0));
+    assert_eq!(scraped.partition("exactly_marks_live", p2), Some(0.0));
     assert_counters(&scraped, p2, &stats[p2]);
     store.close().unwrap();
 }
@@ -133,69 +134,10 @@ fn assert_counters(scraped: &Scraped, p: &Partition, stats: &PartitionStats) {
         ),
         ("exactly_expired_dropped_total", stats.expired_dropped),
     ] {
-        assert_eq!(scraped.get(name, p), Some(value as f64), "{p}: {name}");
-    }
-}
-
-/// A loopback port nobody listens on (bound, then released).
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// The samples of one scrape, by metric name, topic and partition (a
-/// summary's quantile lines left out).
-struct Scraped(HashMap<(String, String, String), f64>);
-
-impl Scraped {
-    fn get(&self, name: &str, p: &Partition) -> Option<f64> {
-        let key = (
-            name.to_owned(),
-            p.topic().to_owned(),
-            p.partition().to_string(),
+        assert_eq!(
+            scraped.partition(name, p),
+            Some(value as f64),
+            "{p}: {name}"
         );
-        self.0.get(&key).copied()
     }
-}
-
-/// GETs `/metrics` with a plain HTTP/1.0 request (the response is
-/// delimited by the end of the connection) and parses the text format.
-fn scrape(port: u16) -> Scraped {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(
-        head.starts_with("HTTP/1.") && head.contains(" 200 "),
-        "{head}"
-    );
-    let mut samples = HashMap::new();
-    for line in body
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let (series, value) = line.rsplit_once(' ').expect("a sample line");
-        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
-        let labels: HashMap<&str, &str> = labels
-            .trim_end_matches('}')
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        if labels.contains_key("quantile") {
-            continue;
-        }
-        let (Some(topic), Some(partition)) = (labels.get("topic"), labels.get("partition")) else {
-            continue;
-        };
-        let key = (name.to_owned(), topic.to_string(), partition.to_string());
-        samples.insert(key, value.parse::<f64>().expect("a number"));
-    }
-    Scraped(samples)
 }

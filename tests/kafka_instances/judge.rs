@@ -163,7 +163,7 @@ pub fn judge(
     }
     v.widest_window = uncommitted.values().map(BTreeSet::len).max().unwrap_or(0);
     for i in produced {
-        let key = format!("k{i}");
+        let key = format!("order-{i}");
         let Some(apps) = applied.get(&key) else {
             v.lost.push(key);
             continue;

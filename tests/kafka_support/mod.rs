@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod zombie;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -54,6 +55,17 @@ pub fn produce(servers: &str, keys: impl IntoIterator<Item = usize>, ends: &mut 
         .set("batch.num.messages", "3")
         .create()
         .unwrap();
+    send(&producer, keys, ends);
+}
+
+/// Sends one message per key through `producer` (key `order-{i}` on
+/// partition `i % 4`, as a keyed producer would place it), adding to the
+/// end offsets `ends`, and waits for their delivery.
+pub fn send(
+    producer: &BaseProducer,
+    keys: impl IntoIterator<Item = usize>,
+    ends: &mut HashMap<i32, i64>,
+) {
     for i in keys {
         let partition = (i % PARTITIONS as usize) as i32;
         let key = format!("order-{i}");
@@ -74,7 +86,7 @@ pub fn produce(servers: &str, keys: impl IntoIterator<Item = usize>, ends: &mut 
         *ends.entry(partition).or_default() += 1;
         producer.poll(Duration::ZERO);
     }
-    producer.flush(Duration::from_secs(10)).unwrap();
+    producer.flush(Duration::from_secs(30)).unwrap();
 }
 
 pub fn client(servers: &str) -> ClientConfig {
