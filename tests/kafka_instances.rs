@@ -22,9 +22,13 @@
 //!   applied twice outside those windows (resends after a partition moved),
 //!   which shows the scenario can fail.
 //!
-//! It runs on librdkafka's mock cluster, hosted by this process (its brokers
-//! listen on loopback, so the instances join it from their processes), and,
-//! where the binary is there, on a nisshi broker process.
+//! It runs on librdkafka's mock cluster, hosted by a process of its own (its
+//! brokers listen on loopback, so the instances join it from theirs), and,
+//! where the binary is there, on a nisshi broker process. The mock cluster
+//! now and then aborts on an assertion of its group coordinator (a member's
+//! second JoinGroup while its first is pending, seen twice in some twenty
+//! runs): a fault of the harness, after which the mode runs again on a
+//! fresh cluster, at most twice.
 //!
 //! `EXACTLY_INSTANCES_SEED` replays a run's schedule (the seed is printed);
 //! `EXACTLY_INSTANCES_STEPS` sets the number of production steps (default 18).
@@ -37,6 +41,7 @@ mod kafka_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -45,8 +50,8 @@ use exactly::kafka::rdkafka::producer::BaseProducer;
 
 use child::{child, now_micros, Spec, DIED_IN_RESTORE};
 use judge::{judge, read_events, Fate, Verdicts};
-use kafka_support::broker::{nisshi, Broker, SKIPPED};
-use kafka_support::{client, cluster, send};
+use kafka_support::broker::{nisshi, Broker, MockBroker, SKIPPED};
+use kafka_support::{client, send};
 
 const INSTANCES: [&str; 3] = ["a", "b", "c"];
 /// New keys per production step, and resends of old keys among them.
@@ -243,6 +248,28 @@ impl Scenario {
         None
     }
 
+    /// Waits (up to 15 s) until every running instance has committed past
+    /// `before`: the group is stable, each member processing the last
+    /// wave. (A member paused while its join request is pending makes
+    /// librdkafka's mock cluster abort on an assertion when it rejoins.)
+    fn all_active(&self, before: &HashMap<i32, i64>) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            let events = read_events(&self.sinks);
+            if self.running.iter().all(|r| {
+                events.get(&r.incarnation).is_some_and(|e| {
+                    e.committed
+                        .iter()
+                        .any(|(p, o)| before.get(p).is_none_or(|b| o > b))
+                })
+            }) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// The highest input offset committed per partition, by anyone.
     fn committed(&self) -> HashMap<i32, i64> {
         let mut out: HashMap<i32, i64> = HashMap::new();
@@ -303,7 +330,13 @@ impl Drop for Scenario {
 }
 
 /// Runs the scenario of this file's header in `mode` against `servers`.
-fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
+fn run(
+    mode: Mode,
+    servers: &str,
+    seed: u64,
+    steps: usize,
+    alive: &mut dyn FnMut() -> bool,
+) -> Verdicts {
     let mut rng = Rng(seed | 1);
     let mut s = Scenario::new(mode, servers);
     let producer: BaseProducer = client(servers)
@@ -318,7 +351,10 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
         s.start(instance);
     }
     let mut resume: Option<(String, Instant)> = None;
+    // Once, from half way, in a step without a kill, once the group is
+    // stable.
     let pause_at = steps / 2;
+    let mut paused = false;
     for step in 0..steps {
         let mut keys: Vec<usize> = (next..next + NEW_PER_STEP).collect();
         next += NEW_PER_STEP;
@@ -328,6 +364,7 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
             }
         }
         produced.extend(keys.iter().copied());
+        assert!(alive(), "{}: the broker process ended", mode.name());
         let before = s.committed();
         send(&producer, keys.iter().copied(), &mut ends);
         s.restart_exited();
@@ -337,7 +374,8 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
                 resume = None;
             }
         }
-        if step == pause_at && resume.is_none() {
+        if step >= pause_at && !paused && step % 3 != 2 && s.all_active(&before) {
+            paused = true;
             let i = rng.below(s.running.len() as u64) as usize;
             let incarnation = s.running[i].incarnation.clone();
             s.fates.get_mut(&incarnation).unwrap().stopped_at = Some(now_micros());
@@ -378,6 +416,7 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
 
     let started = Instant::now();
     loop {
+        assert!(alive(), "{}: the broker process ended", mode.name());
         s.restart_exited();
         let committed = s.committed();
         if ends
@@ -401,6 +440,11 @@ fn run(mode: Mode, servers: &str, seed: u64, steps: usize) -> Verdicts {
         std::thread::sleep(Duration::from_millis(200));
     }
     s.stop_all();
+    assert!(
+        paused,
+        "{}: the group was never stable long enough to pause a member",
+        mode.name()
+    );
     let v = judge(mode, &s.sinks, &s.fates, &produced);
     println!(
         "{}: {} keys, {} messages, {} kills, {} died in a restore, {} incarnations, 1 zombie; \
@@ -462,6 +506,10 @@ fn main() {
         child(Spec::decode(&spec));
         return;
     }
+    if std::env::var_os("EXACTLY_MOCK_BROKER").is_some() {
+        MockBroker::serve();
+        return;
+    }
     let seed: u64 = std::env::var("EXACTLY_INSTANCES_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -472,10 +520,28 @@ fn main() {
         .unwrap_or(18);
     println!("three instances in processes of their own: seed {seed}, {steps} steps");
     for mode in [Mode::Claim, Mode::Changelog, Mode::Local] {
-        let (_cluster, servers) = cluster();
-        print!("mock cluster, ");
-        let v = run(mode, &servers, seed, steps);
-        check(mode, &v);
+        for attempt in 0.. {
+            let mut mock = MockBroker::start();
+            print!("mock cluster, ");
+            let servers = mock.servers.clone();
+            let result = catch_unwind(AssertUnwindSafe(|| {
+                run(mode, &servers, seed + attempt, steps, &mut || mock.alive())
+            }));
+            match result {
+                Ok(v) => {
+                    check(mode, &v);
+                    break;
+                }
+                // librdkafka's mock cluster aborts, now and then, on an
+                // assertion of its group coordinator (a member's second
+                // JoinGroup while its first is pending): a harness fault,
+                // not the store's; the mode runs again on a fresh cluster.
+                Err(_) if !mock.alive() && attempt < 2 => {
+                    println!("{}: the mock cluster aborted; running again", mode.name());
+                }
+                Err(panic) => resume_unwind(panic),
+            }
+        }
     }
     match nisshi() {
         None => println!("standalone broker: {SKIPPED}"),
@@ -484,7 +550,7 @@ fn main() {
                 let broker = Broker::start(&binary);
                 broker.create_input_topic();
                 print!("standalone broker, ");
-                let v = run(mode, &broker.servers, seed, steps);
+                let v = run(mode, &broker.servers, seed, steps, &mut || true);
                 check(mode, &v);
             }
         }

@@ -7,6 +7,7 @@
 //! --no-default-features --features dynostore,libsql --root /var/tmp/nisshi`,
 //! 10 to 15 minutes); without it the tests that need it say why and pass.
 
+use std::io::BufRead;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -16,7 +17,7 @@ use exactly::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicR
 use exactly::kafka::rdkafka::client::DefaultClientContext;
 use exactly::kafka::rdkafka::types::RDKafkaErrorCode;
 
-use super::{client, DEADLINE, PARTITIONS, TOPIC};
+use super::{client, cluster, DEADLINE, PARTITIONS, TOPIC};
 
 /// The broker binary, if there is one.
 pub fn nisshi() -> Option<PathBuf> {
@@ -96,3 +97,54 @@ impl Drop for Broker {
 pub const SKIPPED: &str =
     "skipped: no nisshi binary at EXACTLY_NISSHI or /var/tmp/nisshi/bin/nisshi \
      (see tests/kafka_support/broker.rs to install one)";
+
+/// librdkafka's mock cluster in a process of its own (this binary, run
+/// with `EXACTLY_MOCK_BROKER`), so that an abort of the mock ends only it
+/// (a test that uses it is a `harness = false` binary).
+pub struct MockBroker {
+    child: Child,
+    pub servers: String,
+}
+
+impl MockBroker {
+    /// Starts it; the test binary must call [`MockBroker::serve`] when
+    /// `EXACTLY_MOCK_BROKER` is set.
+    pub fn start() -> Self {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("EXACTLY_MOCK_BROKER", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the mock cluster");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Self {
+            child,
+            servers: line.trim().to_string(),
+        }
+    }
+
+    /// Whether its process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The mock broker's process: the cluster with the topics, until its
+    /// standard input closes.
+    pub fn serve() {
+        let (_cluster, servers) = cluster();
+        println!("{servers}");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
