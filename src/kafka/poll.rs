@@ -18,14 +18,14 @@ pub struct PollReport {
     /// Messages polled and handled or skipped.
     pub messages: usize,
     /// Messages whose handler ran (new keys, and keyless ones under
-    /// [`MissingKey::Process`]).
+    /// [`MissingKey::Process`](super::MissingKey::Process)).
     pub processed: usize,
     /// Messages skipped as duplicates.
     pub duplicates: usize,
     /// Claim mode: messages handed to the handler in doubt (their key's
     /// earlier claim was never confirmed nor released).
     pub in_doubt: usize,
-    /// Keyless messages skipped under [`MissingKey::Skip`].
+    /// Keyless messages skipped under [`MissingKey::Skip`](super::MissingKey::Skip).
     pub skipped: usize,
     /// Messages polled before a rebalance and dropped unprocessed (they are
     /// delivered again from the resume point).
