@@ -16,8 +16,9 @@ use crate::config::{KeyMode, Options, TimeDomain};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::layout::{
-    decode_entry, decode_offset, decode_u64, mark_key, Entry, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG,
-    OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+    decode_entry, decode_offset, decode_u64, mark_key, Entry, CHANGELOG_KEY,
+    CHANGELOG_PROGRESS_KEY, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, SNAPSHOT_KEY,
+    WATERMARK_KEY,
 };
 use crate::ledger::Ledger;
 use crate::manifest::Manifest;
@@ -165,6 +166,12 @@ pub struct PartitionMeta {
     pub watermark: Option<u64>,
     /// The id of the partition's valid filter snapshot, if any.
     pub snapshot_id: Option<u64>,
+    /// The changelog position (Kafka changelog mode), if any.
+    pub changelog: Option<i64>,
+    /// The highest changelog progress its restores read, if any.
+    pub changelog_progress: Option<i64>,
+    /// Outbox entries not yet published (each decoded).
+    pub outbox_entries: usize,
     /// RocksDB's estimate of the keys in the partition (expired ones too).
     pub keys_estimate: u64,
     /// Bytes on disk (table files) and in memory tables.
@@ -255,6 +262,9 @@ pub fn partition_meta(store: &Store, partition: &Partition) -> Result<Option<Par
         .map_err(|e| Error::storage(e, engine.path()))?
         .map(|v| decode_offset(&v))
         .transpose()?;
+    let changelog = engine.read_offset_key(&cf, CHANGELOG_KEY)?;
+    let changelog_progress = engine.read_offset_key(&cf, CHANGELOG_PROGRESS_KEY)?;
+    let outbox_entries = engine.outbox(&cf)?.len();
     let property = |name: &str| {
         db.property_int_value_cf(&cf, name)
             .ok()
@@ -268,6 +278,9 @@ pub fn partition_meta(store: &Store, partition: &Partition) -> Result<Option<Par
         event_time: read_u64(engine, &cf, EVENT_TIME_KEY, "event time")?,
         watermark: read_u64(engine, &cf, WATERMARK_KEY, "watermark")?,
         snapshot_id: read_u64(engine, &cf, SNAPSHOT_KEY, "filter snapshot id")?,
+        changelog,
+        changelog_progress,
+        outbox_entries,
         keys_estimate: property("rocksdb.estimate-num-keys"),
         disk_bytes: property("rocksdb.total-sst-files-size")
             .saturating_add(property("rocksdb.cur-size-all-mem-tables")),

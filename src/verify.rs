@@ -162,6 +162,15 @@ fn check_partition(
         }
         Err(e) => return Err(e),
     };
+    if meta.changelog.is_some() || meta.changelog_progress.is_some() || meta.outbox_entries > 0 {
+        report.push(
+            format!("{partition} changelog"),
+            Ok(format!(
+                "position {:?}, progress read {:?}, {} outbox entries decode",
+                meta.changelog, meta.changelog_progress, meta.outbox_entries
+            )),
+        );
+    }
     let clock_now = inspect::now(store);
     let partition_now = inspect::partition_now(store, &meta);
     let options = store.engine().options();
@@ -270,4 +279,61 @@ fn check_partition(
     };
     report.push(format!("{partition} filter snapshot"), outcome);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{CHANGELOG_PROGRESS_KEY, OUTBOX_PREFIX};
+    use crate::outbox_probe as outbox;
+    use crate::Options;
+
+    fn finding<'r>(report: &'r Report, check: &str) -> &'r Finding {
+        report
+            .findings
+            .iter()
+            .find(|f| f.check == check)
+            .unwrap_or_else(|| panic!("no {check} in {report:?}"))
+    }
+
+    /// The changelog metadata and the outbox are checked: what decodes is
+    /// reported, a damaged progress value or outbox entry fails the check.
+    #[test]
+    fn the_changelog_metadata_and_the_outbox_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        let p = Partition::new("orders", 0);
+        store.assign(&p).unwrap();
+        let mut batch = store.batch(&p).unwrap();
+        outbox::record_changes(&mut batch, 0);
+        batch.check_and_mark(b"a").unwrap();
+        batch.set_offset(1);
+        let entry = outbox::commit(batch).unwrap().unwrap();
+        let mut batch = store.batch(&p).unwrap();
+        batch.set_changelog_progress(7).unwrap();
+        batch.commit().unwrap();
+        store.revoke(&p).unwrap();
+
+        let report = verify(&store, &mut |_| {}).unwrap();
+        assert!(report.healthy(), "{report:?}");
+        let f = finding(&report, "orders/0 changelog");
+        assert!(
+            f.detail.contains("Some(7)") && f.detail.contains("1 outbox entries"),
+            "{f:?}"
+        );
+
+        let db = store.engine().db();
+        let cf = db.cf_handle(&p.cf_name()).unwrap();
+        db.put_cf(&cf, CHANGELOG_PROGRESS_KEY, b"bad").unwrap();
+        let report = verify(&store, &mut |_| {}).unwrap();
+        assert!(!finding(&report, "orders/0 metadata").ok, "{report:?}");
+
+        db.put_cf(&cf, CHANGELOG_PROGRESS_KEY, 7i64.to_be_bytes())
+            .unwrap();
+        let mut key = OUTBOX_PREFIX.to_vec();
+        key.extend_from_slice(&entry.seq.to_be_bytes());
+        db.put_cf(&cf, key, b"EXOB2 damaged").unwrap();
+        let report = verify(&store, &mut |_| {}).unwrap();
+        assert!(!finding(&report, "orders/0 metadata").ok, "{report:?}");
+    }
 }
