@@ -16,8 +16,10 @@
 //!   them only if the sink lacks them;
 //! - changelog mode: every key applied; a key applied twice only when one
 //!   of the applications is in the documented window (its instance was
-//!   killed before its batch's transaction committed, or it was the zombie
-//!   after its pause);
+//!   killed before its batch's transaction committed, or it was the zombie,
+//!   after its pause or in the batch it was paused in before its commit:
+//!   for the group a pause is a crash between the side effect and the
+//!   Kafka commit);
 //! - local stores only, the control: the same judgement must find keys
 //!   applied twice outside those windows (resends after a partition moved),
 //!   which shows the scenario can fail.
@@ -237,7 +239,7 @@ impl Scenario {
                     && events.get(&r.incarnation).is_some_and(|e| {
                         e.committed
                             .iter()
-                            .any(|(p, o)| before.get(p).is_none_or(|b| o > b))
+                            .any(|(p, o, _)| before.get(p).is_none_or(|b| o > b))
                     })
             });
             if found.is_some() {
@@ -260,7 +262,7 @@ impl Scenario {
                 events.get(&r.incarnation).is_some_and(|e| {
                     e.committed
                         .iter()
-                        .any(|(p, o)| before.get(p).is_none_or(|b| o > b))
+                        .any(|(p, o, _)| before.get(p).is_none_or(|b| o > b))
                 })
             }) {
                 return true;
@@ -273,7 +275,7 @@ impl Scenario {
     /// The highest input offset committed per partition, by anyone.
     fn committed(&self) -> HashMap<i32, i64> {
         let mut out: HashMap<i32, i64> = HashMap::new();
-        for (p, offset) in read_events(&self.sinks)
+        for (p, offset, _) in read_events(&self.sinks)
             .values()
             .flat_map(|e| e.committed.iter())
         {

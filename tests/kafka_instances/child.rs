@@ -168,7 +168,10 @@ pub fn child(spec: Spec) {
         match result {
             Ok(report) => {
                 for (p, offset) in report.committed {
-                    append(&mut events, &format!("C {} {offset}\n", p.partition()));
+                    append(
+                        &mut events,
+                        &format!("C {} {offset} {}\n", p.partition(), now_micros()),
+                    );
                 }
                 for (p, records) in report.restored {
                     append(&mut events, &format!("R {} {records}\n", p.partition()));

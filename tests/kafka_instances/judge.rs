@@ -29,8 +29,8 @@ struct Applied {
 #[derive(Debug, Default)]
 pub struct Events {
     /// Input offsets committed (store, and Kafka where the mode commits
-    /// there), in order.
-    pub committed: Vec<(i32, i64)>,
+    /// there), in order: partition, offset, when (µs since the epoch).
+    pub committed: Vec<(i32, i64, u128)>,
     pub restored: usize,
     pub in_doubt: BTreeSet<String>,
     pub errors: Vec<String>,
@@ -54,9 +54,10 @@ pub fn read_events(sinks: &Path) -> BTreeMap<String, Events> {
     for (incarnation, text) in files(sinks, "events") {
         let mut e = Events::default();
         for line in text.lines() {
-            let mut f = line.splitn(3, ' ');
+            let mut f = line.splitn(4, ' ');
             match f.next() {
                 Some("C") => e.committed.push((
+                    f.next().unwrap().parse().unwrap(),
                     f.next().unwrap().parse().unwrap(),
                     f.next().unwrap().parse().unwrap(),
                 )),
@@ -131,18 +132,19 @@ pub fn judge(
         errors: events.values().map(|e| e.errors.len()).sum(),
         ..Verdicts::default()
     };
-    let committed_past = |a: &Applied| {
+    // Whether `a`'s incarnation committed past it (before `until`).
+    let committed_past = |a: &Applied, until: u128| {
         events.get(&a.incarnation).is_some_and(|e| {
             e.committed
                 .iter()
-                .any(|&(p, o)| p == a.partition && o > a.offset)
+                .any(|&(p, o, at)| p == a.partition && o > a.offset && at < until)
         })
     };
     // The store's offset of a partition never goes back: neither does what
     // an incarnation commits.
     for (incarnation, e) in &events {
         let mut last: HashMap<i32, i64> = HashMap::new();
-        for &(p, o) in &e.committed {
+        for &(p, o, _) in &e.committed {
             let before = last.insert(p, o).unwrap_or(0);
             assert!(
                 o >= before,
@@ -154,7 +156,7 @@ pub fn judge(
     // uncommitted batch of side effects per partition.
     let mut uncommitted: BTreeMap<(&str, i32), BTreeSet<i64>> = BTreeMap::new();
     for a in applied.values().flatten() {
-        if fates[&a.incarnation].killed && !committed_past(a) {
+        if fates[&a.incarnation].killed && !committed_past(a, u128::MAX) {
             uncommitted
                 .entry((a.incarnation.as_str(), a.partition))
                 .or_default()
@@ -175,9 +177,17 @@ pub fn judge(
         let mut unexplained = 0;
         for a in apps {
             let fate = &fates[&a.incarnation];
-            if fate.stopped_at.is_some_and(|s| a.at >= s) {
+            // In the zombie's window: applied after its pause began; or,
+            // outside claim mode, applied before it and not committed
+            // before it (for the group the pause is a crash between the
+            // side effect and the Kafka commit; on a broker without fencing
+            // its commit after the pause goes through).
+            let zombie_window = fate
+                .stopped_at
+                .is_some_and(|s| a.at >= s || (mode != Mode::Claim && !committed_past(a, s)));
+            if zombie_window {
                 zombie = true;
-            } else if !(fate.killed && !committed_past(a) && mode != Mode::Claim) {
+            } else if !(fate.killed && !committed_past(a, u128::MAX) && mode != Mode::Claim) {
                 unexplained += 1;
             }
         }
