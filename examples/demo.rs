@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use exactly::{Options, Partition, Store, Verdict};
 
 mod common;
-use common::Rng;
 
 const PARTITIONS: i32 = 8;
 const POLL_BATCH: usize = 500;
@@ -48,23 +47,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The stream: each message has an idempotency key; 1% are redeliveries
     // of a recent key (a producer retry or a consumer replay).
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut recent: Vec<u64> = Vec::new();
+    let mut stream = common::Redeliveries::new(REDELIVERY_PERCENT);
     let mut offsets: HashMap<i32, i64> = HashMap::new();
     let mut polls: HashMap<i32, Vec<(i64, [u8; 16])>> = HashMap::new();
     let (mut processed, mut duplicates) = (0u64, 0u64);
     let started = Instant::now();
-    for seq in 0..messages {
-        let id = if rng.next() % 100 < REDELIVERY_PERCENT && !recent.is_empty() {
-            recent[(rng.next() % recent.len() as u64) as usize]
-        } else {
-            seq
-        };
-        if recent.len() < 100_000 {
-            recent.push(id);
-        } else {
-            recent[(seq % 100_000) as usize] = id;
-        }
+    for id in stream.by_ref().take(usize::try_from(messages)?) {
         let n = (id % PARTITIONS as u64) as i32;
         let offset = offsets.entry(n).or_insert(0);
         let mut key = [0u8; 16];
@@ -119,6 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  reopened and reassigned {PARTITIONS} partitions in {:?}",
         reopen.elapsed()
     );
+    let recent = stream.recent();
     let tail = recent.len().min(10_000);
     for &id in &recent[recent.len() - tail..] {
         let n = (id % PARTITIONS as u64) as i32;

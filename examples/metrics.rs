@@ -20,7 +20,6 @@ use exactly::{Options, Partition, Store, Verdict};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
 mod common;
-use common::Rng;
 
 const PARTITIONS: i32 = 8;
 const POLL_BATCH: usize = 500;
@@ -59,23 +58,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The demo's stream: each message has an idempotency key; 1% are
     // redeliveries of a recent key.
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut recent: Vec<u64> = Vec::new();
+    let mut stream = common::Redeliveries::new(REDELIVERY_PERCENT);
     let mut polls: Vec<Vec<[u8; 16]>> = vec![Vec::new(); PARTITIONS as usize];
     let mut offsets = vec![0i64; PARTITIONS as usize];
     let (mut processed, mut duplicates) = (0u64, 0u64);
     let started = Instant::now();
-    for seq in 0..messages {
-        let id = if rng.next() % 100 < REDELIVERY_PERCENT && !recent.is_empty() {
-            recent[(rng.next() % recent.len() as u64) as usize]
-        } else {
-            seq
-        };
-        if recent.len() < 100_000 {
-            recent.push(id);
-        } else {
-            recent[(seq % 100_000) as usize] = id;
-        }
+    for id in stream.by_ref().take(usize::try_from(messages)?) {
         let n = (id % PARTITIONS as u64) as usize;
         polls[n].push(common::key(id));
         if polls[n].len() == POLL_BATCH {

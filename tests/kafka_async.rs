@@ -55,6 +55,16 @@ fn shared(servers: &str, group: &GroupStore) -> AsyncIdempotentConsumer {
     AsyncIdempotentConsumer::new(IdempotentConsumer::new(consumer, KeySource::header(HEADER)))
 }
 
+/// Leaves the group, serving the revocation, before the consumer goes.
+fn leave(consumer: AsyncIdempotentConsumer) {
+    let consumer = consumer.into_inner().into_inner();
+    consumer.unsubscribe();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(500) {
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+}
+
 /// Polls until the store's offsets reach `ends`; the handler awaits a timer
 /// before its side effect, and checks that the key the loop passes is the
 /// message's. Returns the messages it handled.
@@ -101,7 +111,8 @@ async fn async_handlers_apply_every_key_once_while_a_second_consumer_joins() {
         tokio::spawn(async move {
             // 50 ms a message: the second consumer joins (a few seconds on
             // the mock cluster) long before the end.
-            run(&mut a, &store, &ends, &sink, Duration::from_millis(50)).await
+            let handled = run(&mut a, &store, &ends, &sink, Duration::from_millis(50)).await;
+            (handled, a)
         })
     };
     // Once the first has processed some messages.
@@ -115,7 +126,11 @@ async fn async_handlers_apply_every_key_once_while_a_second_consumer_joins() {
     }
     let mut b = shared(&servers, &group);
     let by_b = run(&mut b, &store, &ends, &sink, Duration::from_millis(50)).await;
-    let by_a = task_a.await.unwrap();
+    let (by_a, a) = task_a.await.unwrap();
+    // Both leave the group before they are dropped (librdkafka asserts on
+    // a consumer destroyed while an assignment is in progress).
+    leave(a);
+    leave(b);
 
     assert_eq!(sink.count(), 160, "every key applied");
     assert_eq!(sink.twice(), Vec::<String>::new(), "keys applied twice");

@@ -16,6 +16,52 @@ impl Rng {
     }
 }
 
+/// The demo's stream of message ids: each message has an idempotency key;
+/// `redelivery_percent` of them are redeliveries of one of the last 100 000
+/// (a producer retry or a consumer replay).
+pub struct Redeliveries {
+    rng: Rng,
+    recent: Vec<u64>,
+    seq: u64,
+    redelivery_percent: u64,
+}
+
+impl Redeliveries {
+    pub fn new(redelivery_percent: u64) -> Self {
+        Self {
+            rng: Rng(0x9e37_79b9_7f4a_7c15),
+            recent: Vec::new(),
+            seq: 0,
+            redelivery_percent,
+        }
+    }
+
+    /// The ids kept for redelivery (at most the last 100 000).
+    pub fn recent(&self) -> &[u64] {
+        &self.recent
+    }
+}
+
+impl Iterator for Redeliveries {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        let seq = self.seq;
+        self.seq += 1;
+        let id = if self.rng.next() % 100 < self.redelivery_percent && !self.recent.is_empty() {
+            self.recent[(self.rng.next() % self.recent.len() as u64) as usize]
+        } else {
+            seq
+        };
+        if self.recent.len() < 100_000 {
+            self.recent.push(id);
+        } else {
+            self.recent[(seq % 100_000) as usize] = id;
+        }
+        Some(id)
+    }
+}
+
 /// A 16-byte key for message id `id`, spread over the key space.
 pub fn key(id: u64) -> [u8; 16] {
     let a = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (id >> 29);
