@@ -76,9 +76,10 @@ fn keys_of(records: &[(Vec<u8>, Option<Vec<u8>>)]) -> BTreeSet<String> {
 /// A commits a poll batch of several messages (an invoice staged for
 /// each) and dies before its transaction. B takes the partition and
 /// processes only the first of them (a smaller poll batch), then leaves. A
-/// restarts on its store: the changelog's progress (1) is past the entry's
-/// start (0), so the whole entry is given up; A resumes at its own offset.
-/// Nobody ever produces the invoices of the messages only A processed.
+/// restarts on its store: the changelog's progress (1) falls inside the
+/// entry, so A publishes it without the invoice of the message B processed
+/// again, and with the invoices of the messages only A processed (giving
+/// the whole entry up would produce them nowhere).
 #[test]
 fn an_outbox_entry_that_another_instance_processed_only_in_part_keeps_the_records_of_the_rest() {
     let (cluster, servers) = cluster();
@@ -183,9 +184,9 @@ fn run_member(instance: &mut Instance, ends: &HashMap<i32, i64>, sink: &Sink) {
 /// B processes `order-0` and publishes its mark. A zombie (claim mode,
 /// whose store never saw B's mark) then claims `order-0`, its handler
 /// fails, and it releases the claim: its changelog now ends with the claim
-/// and a removal of the key. C, the next owner, restores the changelog in
-/// order, later wins: the removal deletes B's live mark, and the resent
-/// key is handled as new: applied twice.
+/// and a removal of the key. C, the next owner, restores the changelog: the
+/// release names the zombie's claim, not B's mark, so the mark stays and
+/// the resent key is a duplicate (applied once).
 #[test]
 fn a_zombie_release_published_after_a_mark_does_not_make_the_marked_key_new() {
     let (_cluster, servers) = cluster();
@@ -226,9 +227,9 @@ fn a_zombie_release_published_after_a_mark_does_not_make_the_marked_key_new() {
 }
 
 /// The same with a zombie that dies between its claim and its handler:
-/// the changelog ends with its claim, which the restore puts in place of
-/// B's mark (a week's TTL). The key is a duplicate only while the claim's
-/// lease runs (here the shortest, 1 s), then new.
+/// the changelog ends with its claim (the shortest lease, 1 s), which ends
+/// before B's mark (a week's TTL) would: the restore keeps the mark, and
+/// the key stays a duplicate after the lease.
 #[test]
 fn a_zombie_claim_published_after_a_mark_does_not_outlive_the_mark_by_its_lease_only() {
     let (_cluster, servers) = cluster();
