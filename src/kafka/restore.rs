@@ -95,7 +95,12 @@ impl From<KafkaError> for RestoreError {
 /// cut short resumes where it stopped.
 ///
 /// Reads with `isolation.level=read_committed`: records of open or aborted
-/// transactions are skipped on a broker that filters them. One that does
+/// transactions are skipped on a broker that filters them. The end is the
+/// log's end when the restore began, open transactions included: one left
+/// open by a killed or paused owner hides the records committed after it
+/// began, so the restore waits for it to end (committed, aborted by its
+/// owner's successor, or by the broker at its timeout) and fails the
+/// attempt at `timeout` without a record. One that does
 /// not (the changelog then holds the records of aborted transactions too)
 /// cannot make the restore wrong: a mark reaches the changelog only after
 /// its side effect happened (in its own transaction, aborted or not), and
@@ -167,7 +172,7 @@ fn restore_logged(
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer = config.create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition.partition(), timeout)?;
+    let (low, high) = log_end(&config, topic, partition, timeout)?;
     // What earlier attempts learnt of where processing got to: an attempt
     // cut short after it read a progress record starts past it next time.
     let mut restored = Restored {
@@ -257,8 +262,24 @@ fn restore_logged(
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {
-                debug!(partition = %partition, position, "restore reached the changelog's end");
-                break;
+                // A `read_committed` reader's end is the last stable offset:
+                // an open transaction (a killed or paused owner's) holds it
+                // back, and with it every record committed after that
+                // transaction began. Only a position at the log's end read
+                // above (past the markers of the transactions, which the
+                // consumer's position counts) is caught up; short of it the
+                // restore waits for the open transaction to end.
+                position = position.max(fetch_position(&consumer, topic, partition)?);
+                if position >= high {
+                    debug!(partition = %partition, position, "restore reached the changelog's end");
+                    break;
+                }
+                debug!(
+                    partition = %partition,
+                    position,
+                    end = high,
+                    "restore waits for an open transaction of the changelog"
+                );
             }
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
@@ -325,6 +346,40 @@ fn restore_logged(
         "restore finished"
     );
     Ok(restored)
+}
+
+/// The end of `topic`'s partition of `partition`'s number: its high
+/// watermark, records of open transactions included. A `read_committed`
+/// client's watermark request answers the last stable offset instead, which
+/// an open transaction holds back (with the records committed after it
+/// began), so the request goes through a `read_uncommitted` client.
+fn log_end(
+    config: &ClientConfig,
+    topic: &str,
+    partition: &Partition,
+    timeout: Duration,
+) -> Result<(i64, i64), KafkaError> {
+    let mut config = config.clone();
+    config.set("isolation.level", "read_uncommitted");
+    let client: BaseConsumer = config.create()?;
+    client.fetch_watermarks(topic, partition.partition(), timeout)
+}
+
+/// Where `consumer` reads `topic`'s partition next: past the records it
+/// delivered and the transaction markers after them.
+fn fetch_position(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: &Partition,
+) -> Result<i64, KafkaError> {
+    let positions = consumer.position()?;
+    Ok(positions
+        .find_partition(topic, partition.partition())
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .unwrap_or(0))
 }
 
 #[cfg(test)]
