@@ -139,6 +139,8 @@ pub struct Options {
     pub(crate) ttl_refresh: TtlRefresh,
     pub(crate) time_domain: TimeDomain,
     pub(crate) allowed_lateness: Duration,
+    pub(crate) sequence_window: u32,
+    pub(crate) source_idle: Option<Duration>,
 }
 
 impl Default for Options {
@@ -154,6 +156,8 @@ impl Default for Options {
             ttl_refresh: TtlRefresh::FirstSeen,
             time_domain: TimeDomain::ProcessingTime,
             allowed_lateness: Duration::ZERO,
+            sequence_window: 1024,
+            source_idle: None,
         }
     }
 }
@@ -174,6 +178,8 @@ impl fmt::Debug for Options {
             .field("ttl_refresh", &self.ttl_refresh)
             .field("time_domain", &self.time_domain)
             .field("allowed_lateness", &self.allowed_lateness)
+            .field("sequence_window", &self.sequence_window)
+            .field("source_idle", &self.source_idle)
             .finish()
     }
 }
@@ -263,6 +269,31 @@ impl Options {
         self
     }
 
+    /// Sequence mode: how many sequence numbers below a source's highest
+    /// marked one are remembered one by one (a bitmap of `window` bits per
+    /// source), so that a producer's retries arriving out of order are
+    /// answered exactly. A number further below is a duplicate: it is older
+    /// than anything the producer can still have in flight. From 1 to
+    /// 65 536. Changing it on reopen is safe: a wider window counts the
+    /// numbers it adds as marked, a narrower one answers the numbers it
+    /// drops as below it. Default: 1024.
+    #[must_use]
+    pub fn sequence_window(mut self, window: u32) -> Self {
+        self.sequence_window = window;
+        self
+    }
+
+    /// Sequence mode: how long a source that marks nothing is remembered
+    /// (a producer that was decommissioned). Each sequence number marked
+    /// moves the source's expiry to `idle` from then; an expired source is
+    /// forgotten (its numbers are new again) and the compaction filter
+    /// removes it. From 1 ms to 100 years. Default: the [`ttl`](Self::ttl).
+    #[must_use]
+    pub fn source_idle(mut self, idle: Duration) -> Self {
+        self.source_idle = Some(idle);
+        self
+    }
+
     /// The configured TTL.
     pub fn get_ttl(&self) -> Duration {
         self.ttl
@@ -276,6 +307,12 @@ impl Options {
     /// The TTL in whole milliseconds (validated to be at least 1).
     pub(crate) fn ttl_millis(&self) -> u64 {
         u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// How long an idle source is remembered, in ms.
+    pub(crate) fn source_idle_millis(&self) -> u64 {
+        let idle = self.source_idle.unwrap_or(self.ttl);
+        u64::try_from(idle.as_millis()).unwrap_or(u64::MAX)
     }
 
     pub(crate) fn lateness_millis(&self) -> u64 {
@@ -307,6 +344,14 @@ impl Options {
                 "max_key_len must be between 1 and {MAX_KEY_LEN_LIMIT}, got {}",
                 self.max_key_len
             )));
+        }
+        crate::sequence::validate_window(self.sequence_window)?;
+        if let Some(idle) = self.source_idle {
+            if idle < Duration::from_millis(1) || idle > MAX_TTL {
+                return Err(Error::InvalidOptions(format!(
+                    "source_idle must be between 1 ms and 100 years, got {idle:?}"
+                )));
+            }
         }
         if self.allowed_lateness > MAX_TTL {
             return Err(Error::InvalidOptions(format!(

@@ -123,6 +123,23 @@ pub enum Error {
         attempted: u64,
     },
 
+    /// A sequence number of an epoch older than its source's (sequence
+    /// mode): it comes from a producer instance that a newer one replaced
+    /// (Kafka's broker refuses such a write with `INVALID_PRODUCER_EPOCH`).
+    /// Nothing was written; skip the message, or raise the source's epoch
+    /// if the producer really restarted with a lower one.
+    #[error("sequence source {} on {partition} is at epoch {current}; a number of epoch {attempted} is fenced", source_id.escape_ascii())]
+    SourceFenced {
+        /// The partition.
+        partition: Partition,
+        /// The source.
+        source_id: Vec<u8>,
+        /// The source's epoch.
+        current: u64,
+        /// The epoch of the refused number.
+        attempted: u64,
+    },
+
     /// The claim is no longer held: it was released, or its lease ran out and
     /// another processor claimed the key. Nothing was written; the other
     /// processor owns the key now.

@@ -90,6 +90,25 @@ pub(crate) const CHANGELOG_PROGRESS_KEY: &[u8] = b"\x00changelog_progress";
 /// BE`; the value is described in `outbox.rs`.
 pub(crate) const OUTBOX_PREFIX: &[u8] = b"\x00outbox:";
 
+/// The prefix of the partition's sequence sources: `SOURCE_PREFIX ++
+/// source`; the value is a source's sequence state, described in
+/// `sequence.rs`. Metadata (`0x00`): builds that predate sequence mode keep
+/// these keys and never read them.
+pub(crate) const SOURCE_PREFIX: &[u8] = b"\x00source:";
+
+/// The stored key of sequence source `source`.
+pub(crate) fn source_key(source: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SOURCE_PREFIX.len() + source.len());
+    k.extend_from_slice(SOURCE_PREFIX);
+    k.extend_from_slice(source);
+    k
+}
+
+/// The source named by a stored source key, if it is one.
+pub(crate) fn source_of(key: &[u8]) -> Option<&[u8]> {
+    key.strip_prefix(SOURCE_PREFIX).filter(|s| !s.is_empty())
+}
+
 /// The key holding the id of the partition's valid filter snapshot (value:
 /// u64 BE); the snapshot files are described in `snapshot.rs`.
 pub(crate) const SNAPSHOT_KEY: &[u8] = b"\x00filter_snapshot";

@@ -96,6 +96,7 @@ mod outbox;
 mod outbox_probe;
 mod partition;
 mod recovery;
+mod sequence;
 mod shard;
 mod snapshot;
 mod stats;

@@ -24,12 +24,14 @@
 //! as staged by the batch's first message.
 //!
 //! `bytes` is a u32 BE length and the bytes; `opt` is `0` (none) or `1 ++ bytes`.
-//! A change's key is the stored key (`MARK_TAG ++ key`, or its hash) and its
-//! entry the stored value, exactly as in the column family: the changelog
-//! carries what the store keeps, never a message's payload.
+//! A change's key is the stored key (`MARK_TAG ++ key`, or its hash, or a
+//! sequence source's key) and its entry the stored value (an entry, or a
+//! source's state), exactly as in the column family: the changelog carries
+//! what the store keeps, never a message's payload.
 
 use crate::error::{Error, Result};
-use crate::layout::{Entry, OUTBOX_PREFIX};
+use crate::layout::{Entry, OUTBOX_PREFIX, SOURCE_PREFIX};
+use crate::sequence::SourceState;
 
 const MAGIC: &[u8; 5] = b"EXOB2";
 const MAGIC_V1: &[u8; 5] = b"EXOB1";
@@ -68,6 +70,20 @@ pub(crate) struct Change {
     /// release its own claim after another owner's mark or claim reached
     /// the changelog. An unmark removes whatever is there.
     pub(crate) release: Option<u64>,
+    /// A sequence source's state after the batch (the key is a source key,
+    /// and `entry` is `None`).
+    pub(crate) source: Option<SourceState>,
+}
+
+impl Change {
+    /// The stored value the change leaves: the entry, the source's state,
+    /// or none (a removal).
+    pub(crate) fn value(&self) -> Option<Vec<u8>> {
+        match &self.source {
+            Some(state) => Some(state.encode()),
+            None => self.entry.map(|e| e.encode()),
+        }
+    }
 }
 
 /// An outgoing record staged with a batch ([`crate::Batch::send`]): produced
@@ -130,7 +146,7 @@ impl OutboxEntry {
         put_len(&mut v, self.changes.len());
         for c in &self.changes {
             put_bytes(&mut v, &c.key);
-            put_opt(&mut v, c.entry.map(|e| e.encode()).as_deref());
+            put_opt(&mut v, c.value().as_deref());
             match c.release {
                 None => v.push(0),
                 Some(token) => {
@@ -177,19 +193,29 @@ impl OutboxEntry {
         let mut changes = Vec::with_capacity(n.min(1 << 16));
         for _ in 0..n {
             let key = r.bytes()?.to_vec();
-            let entry = match r.opt()? {
-                None => None,
-                Some(e) => Some(Entry::decode(e).ok_or_else(|| bad("malformed entry"))?),
+            // A source key's value is a source state (sequence mode), any
+            // other key's an entry.
+            let (entry, source) = match r.opt()? {
+                None => (None, None),
+                Some(v) if key.starts_with(SOURCE_PREFIX) => (
+                    None,
+                    Some(SourceState::decode(v).ok_or_else(|| bad("malformed source state"))?),
+                ),
+                Some(e) => (
+                    Some(Entry::decode(e).ok_or_else(|| bad("malformed entry"))?),
+                    None,
+                ),
             };
             let release = match v2.then(|| r.take(1)).transpose()? {
                 None | Some([0]) => None,
-                Some([1]) if entry.is_none() => Some(r.u64()?),
+                Some([1]) if entry.is_none() && source.is_none() => Some(r.u64()?),
                 Some(_) => return Err(bad("bad change kind")),
             };
             changes.push(Change {
                 key,
                 entry,
                 release,
+                source,
             });
         }
         let n = r.len()?;
@@ -322,11 +348,13 @@ mod tests {
                     key: vec![1, b'a'],
                     entry: Some(Entry::Done { expires_at: 99 }),
                     release: None,
+                    source: None,
                 },
                 Change {
                     key: vec![1, b'b'],
                     entry: None,
                     release: None,
+                    source: None,
                 },
                 Change {
                     key: vec![1, b'c'],
@@ -336,11 +364,19 @@ mod tests {
                         token: 7,
                     }),
                     release: None,
+                    source: None,
                 },
                 Change {
                     key: vec![1, b'd'],
                     entry: None,
                     release: Some(7),
+                    source: None,
+                },
+                Change {
+                    key: crate::layout::source_key(b"relay"),
+                    entry: None,
+                    release: None,
+                    source: Some(SourceState::first(3, 40, 99, 70)),
                 },
             ],
             records: vec![

@@ -11,6 +11,7 @@ use crate::bloom::ExpiringFilter;
 use crate::config::TimeDomain;
 use crate::error::{Error, Result};
 use crate::layout::Entry;
+use crate::sequence::SourceState;
 pub(crate) use crate::stats::Counters;
 use crate::stats::{PartitionStats, ShardMetrics};
 use crate::ttl::{partition_time, CfShared};
@@ -48,6 +49,8 @@ pub(crate) struct ShardInit {
     pub(crate) outbox_next: u64,
     /// The changelog position, if a changelog was used.
     pub(crate) changelog: Option<i64>,
+    /// Sequence sources on disk, by stored key.
+    pub(crate) sources: HashMap<Vec<u8>, SourceState>,
 }
 
 /// An assigned partition.
@@ -79,6 +82,10 @@ pub(crate) struct Shard {
     outbox_next: AtomicU64,
     /// The changelog position (`NO_OFFSET`: none).
     changelog: AtomicI64,
+    /// Sequence sources, by stored key: all of them on disk (one entry per
+    /// live source, so few), read on assign, so a sequence check never
+    /// reads the disk. Changed after a write, under the write lock.
+    sources: Mutex<HashMap<Vec<u8>, SourceState>>,
 }
 
 impl Shard {
@@ -108,6 +115,7 @@ impl Shard {
             from_snapshot: init.from_snapshot,
             outbox_next: AtomicU64::new(init.outbox_next),
             changelog: AtomicI64::new(init.changelog.unwrap_or(NO_OFFSET)),
+            sources: Mutex::new(init.sources),
             partition,
         }
     }
@@ -126,6 +134,31 @@ impl Shard {
     /// A copy of the claim table, for a snapshot.
     pub(crate) fn claims(&self) -> HashMap<Vec<u8>, Entry> {
         self.claims.lock().clone()
+    }
+
+    /// Sequence source `k`'s state (stored key), if it is on disk.
+    pub(crate) fn source(&self, k: &[u8]) -> Option<SourceState> {
+        self.sources.lock().get(k).cloned()
+    }
+
+    /// Records what a write put on disk for sources (stored key, state);
+    /// call with the write lock held, after the write. Expired sources
+    /// leave the table as `now` (partition time) passes their expiry.
+    pub(crate) fn note_sources<'a>(
+        &self,
+        written: impl IntoIterator<Item = (&'a Vec<u8>, &'a SourceState)>,
+        now: u64,
+    ) {
+        let mut sources = self.sources.lock();
+        for (k, state) in written {
+            sources.insert(k.clone(), state.clone());
+        }
+        sources.retain(|_, s| s.is_live(now));
+    }
+
+    /// How many sources the partition remembers.
+    pub(crate) fn source_count(&self) -> usize {
+        self.sources.lock().len()
     }
 
     /// The partition's epoch (0 if it was never assigned with one).
@@ -168,6 +201,7 @@ impl Shard {
             filter_bytes: self.filter.read().memory_bytes(),
             committed_offset: self.committed_offset(),
             filter_from_snapshot: self.from_snapshot,
+            sources: self.source_count() as u64,
         };
         self.metrics.set_gauges(
             stats.live_keys_estimate,

@@ -28,7 +28,8 @@ pub struct PartitionStats {
     /// RocksDB's estimate of the keys on disk (includes expired marks not yet
     /// compacted away).
     pub live_keys_estimate: u64,
-    /// Keys checked (by `check`, `check_and_mark`, `mark` and batches).
+    /// Keys and sequence numbers checked (by `check`, `check_and_mark`,
+    /// `mark`, their sequence forms, and batches).
     pub checks: u64,
     /// Checks answered `Duplicate`.
     pub duplicates: u64,
@@ -36,7 +37,7 @@ pub struct PartitionStats {
     pub bloom_negatives: u64,
     /// Bloom positives that RocksDB showed to be absent or expired.
     pub bloom_false_positives: u64,
-    /// Expired marks removed by compaction.
+    /// Expired marks (and idle sequence sources) removed by compaction.
     pub expired_dropped: u64,
     /// Bytes held by the partition's in-memory filter.
     pub filter_bytes: usize,
@@ -45,6 +46,8 @@ pub struct PartitionStats {
     /// Whether `assign` loaded the filter from the snapshot saved at the last
     /// clean close or revoke, instead of scanning the partition's marks.
     pub filter_from_snapshot: bool,
+    /// Sequence sources the partition remembers (sequence mode).
+    pub sources: u64,
 }
 
 /// Per-partition counters since the shard was assigned.

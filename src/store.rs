@@ -14,8 +14,10 @@ use crate::claim::{Claim, ClaimToken};
 use crate::config::Options;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::layout::source_key;
 use crate::membership::{Membership, MembershipGuard};
 use crate::outbox::OutboxEntry;
+use crate::sequence::SourceState;
 use crate::shard::{Counters, Shard};
 use crate::stats::Stats;
 use crate::verdict::Verdict;
@@ -352,6 +354,82 @@ impl Store {
         // Bad input is reported before the partition is looked at.
         let key = self.engine.validate_key(key)?;
         self.single(partition, |b| b.unmark_valid(key))
+    }
+
+    /// Whether sequence number `seq` of `source` under `epoch` was marked
+    /// (sequence mode: one state per source instead of one mark per
+    /// message); marks nothing. Answered from memory, never from disk. See
+    /// [`Batch::check_sequence`] for the rules and errors.
+    ///
+    /// ```
+    /// use exactly::{Error, Options, Partition, Store, Verdict};
+    ///
+    /// # fn main() -> exactly::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let store = Store::open(dir.path(), Options::default().sequence_window(64))?;
+    /// let p = Partition::new("orders", 0);
+    /// store.assign(&p)?;
+    /// // Producer "relay-1", epoch 1, numbers its messages.
+    /// assert_eq!(store.check_and_mark_sequence(&p, b"relay-1", 1, 10)?, Verdict::New);
+    /// assert_eq!(store.check_and_mark_sequence(&p, b"relay-1", 1, 12)?, Verdict::New);
+    /// // A retry of 10, and 11 arriving late: answered exactly.
+    /// assert_eq!(store.check_sequence(&p, b"relay-1", 1, 10)?, Verdict::Duplicate);
+    /// assert_eq!(store.check_and_mark_sequence(&p, b"relay-1", 1, 11)?, Verdict::New);
+    /// // The producer restarted with epoch 2: its numbers start afresh, and
+    /// // epoch 1 is fenced.
+    /// assert_eq!(store.check_and_mark_sequence(&p, b"relay-1", 2, 0)?, Verdict::New);
+    /// assert!(matches!(
+    ///     store.check_sequence(&p, b"relay-1", 1, 13),
+    ///     Err(Error::SourceFenced { current: 2, .. })
+    /// ));
+    /// # Ok(()) }
+    /// ```
+    pub fn check_sequence(
+        &self,
+        partition: &Partition,
+        source: &[u8],
+        epoch: u64,
+        seq: u64,
+    ) -> Result<Verdict> {
+        // Bad input is reported before the partition is looked at.
+        self.engine.validate_key(source)?;
+        let shard = self.shard(partition)?;
+        let k = source_key(source);
+        Counters::bump(&shard.counters.checks);
+        let now = shard.partition_now(self.engine.time_domain(), self.engine.now());
+        let verdict = SourceState::seen(shard.source(&k).as_ref(), epoch, seq, now)
+            .verdict(partition, source, epoch)?;
+        if verdict == Verdict::Duplicate {
+            Counters::bump(&shard.counters.duplicates);
+        }
+        Ok(verdict)
+    }
+
+    /// Checks sequence number `seq` of `source` under `epoch` and marks it
+    /// if it is new, atomically: of several callers racing on one number,
+    /// exactly one gets [`Verdict::New`]. See [`Batch::check_sequence`].
+    pub fn check_and_mark_sequence(
+        &self,
+        partition: &Partition,
+        source: &[u8],
+        epoch: u64,
+        seq: u64,
+    ) -> Result<Verdict> {
+        self.engine.validate_key(source)?;
+        self.single(partition, |b| b.check_and_mark_sequence(source, epoch, seq))
+    }
+
+    /// Marks sequence number `seq` of `source` under `epoch`; see
+    /// [`check_and_mark_sequence`](Self::check_and_mark_sequence).
+    pub fn mark_sequence(
+        &self,
+        partition: &Partition,
+        source: &[u8],
+        epoch: u64,
+        seq: u64,
+    ) -> Result<()> {
+        self.check_and_mark_sequence(partition, source, epoch, seq)
+            .map(|_| ())
     }
 
     /// Claims `key` for processing for `lease`, written at once so that

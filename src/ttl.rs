@@ -11,7 +11,8 @@ use rocksdb::compaction_filter_factory::{CompactionFilterContext, CompactionFilt
 
 use crate::clock::TimeKeeper;
 use crate::config::TimeDomain;
-use crate::layout::{Entry, MARK_TAG};
+use crate::layout::{Entry, MARK_TAG, SOURCE_PREFIX};
+use crate::sequence::SourceState;
 use crate::Partition;
 
 impl Entry {
@@ -173,6 +174,18 @@ impl Drop for ExpiryFilter {
 
 impl CompactionFilter for ExpiryFilter {
     fn filter(&mut self, _level: u32, key: &[u8], value: &[u8]) -> Decision {
+        if key.starts_with(SOURCE_PREFIX) {
+            // A sequence source idle past its expiry, judged like a mark.
+            self.entries += 1;
+            return match SourceState::decode(value) {
+                Some(s) if !s.is_live(self.partition_now) => {
+                    self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.dropped += 1;
+                    Decision::Remove
+                }
+                _ => Decision::Keep,
+            };
+        }
         if key.first() != Some(&MARK_TAG) {
             return Decision::Keep;
         }

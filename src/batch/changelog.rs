@@ -6,8 +6,9 @@ use rocksdb::WriteBatch;
 
 use super::Batch;
 use crate::error::{Error, Result};
-use crate::layout::{decode_entry, encode_offset, Entry, CHANGELOG_KEY, MARK_TAG};
+use crate::layout::{decode_entry, encode_offset, source_of, Entry, CHANGELOG_KEY, MARK_TAG};
 use crate::outbox::{outbox_key, OutboxRecord};
+use crate::sequence::SourceState;
 
 impl Batch<'_> {
     /// Stages an outgoing Kafka record, written in this batch's atomic write
@@ -64,7 +65,11 @@ impl Batch<'_> {
     ///   that no release names (either processor may have applied the side
     ///   effect, and a release by one says nothing of the other);
     /// - a release removes only the claim it names; an unmark removes
-    ///   whatever is there.
+    ///   whatever is there;
+    /// - a sequence source's state is merged with the store's (the later
+    ///   epoch; under one epoch, every number marked in either): the order
+    ///   of the records never matters. A source the store holds but that
+    ///   expired counts as none, as a check counts it.
     #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     pub(crate) fn restore(
         &mut self,
@@ -76,6 +81,20 @@ impl Batch<'_> {
             partition: self.shard.partition.clone(),
             reason: reason.to_string(),
         };
+        if let Some(source) = source_of(key) {
+            if source.len() > self.engine.options().max_key_len {
+                return Err(bad("the source is longer than this store's max_key_len"));
+            }
+            let Some(v) = value else {
+                // Sources are never removed through the changelog (they
+                // expire): a removal can only make numbers new again.
+                return Ok(());
+            };
+            let state =
+                SourceState::decode(v).ok_or_else(|| bad("the value is not a source's state"))?;
+            self.restore_source(key, state);
+            return Ok(());
+        }
         if key.first() != Some(&MARK_TAG) {
             return Err(bad("the key is not a stored mark key"));
         }

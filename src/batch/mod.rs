@@ -15,12 +15,14 @@ use crate::layout::{
     OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
 };
 use crate::outbox::{outbox_key, Change, OutboxEntry, OutboxRecord};
+use crate::sequence::SourceState;
 use crate::shard::{Counters, Shard, WriterGuard};
 use crate::ttl::expiry;
 use crate::verdict::Verdict;
 
 mod changelog;
 mod claims;
+mod sequence;
 
 #[cfg(feature = "kafka")]
 pub(crate) use claims::Taken;
@@ -72,6 +74,8 @@ pub struct Batch<'s> {
     // Released after `Drop::drop` has cleared the holder.
     _writer: WriterGuard,
     staged: HashMap<Vec<u8>, Staged, foldhash::quality::RandomState>,
+    /// Sequence sources' states after the batch, by stored key.
+    staged_sources: HashMap<Vec<u8>, SourceState>,
     marks: usize,
     offset: Option<i64>,
     fence: Option<u64>,
@@ -109,6 +113,7 @@ impl<'s> Batch<'s> {
                 64,
                 foldhash::quality::RandomState::default(),
             ),
+            staged_sources: HashMap::new(),
             marks: 0,
             offset: None,
             fence: None,
@@ -235,12 +240,12 @@ impl<'s> Batch<'s> {
         self.fence = Some(epoch);
     }
 
-    /// Keys marked in this batch so far.
+    /// Keys (and sequence numbers) marked in this batch so far.
     pub fn len(&self) -> usize {
         self.marks
     }
 
-    /// Whether the batch marks no key.
+    /// Whether the batch marks no key and no sequence number.
     pub fn is_empty(&self) -> bool {
         self.marks == 0
     }
@@ -345,6 +350,9 @@ impl<'s> Batch<'s> {
                 None => write.delete_cf(&self.cf, k),
             }
         }
+        for (k, state) in &self.staged_sources {
+            write.put_cf(&self.cf, k, state.encode());
+        }
         if let Some(offset) = self.offset {
             write.put_cf(&self.cf, OFFSET_KEY, encode_offset(offset));
         }
@@ -361,7 +369,11 @@ impl<'s> Batch<'s> {
         // publishes: the store never knows something the changelog cannot
         // get. An entry with no change still carries the offset.
         let published = self.outbox.as_ref().and_then(|(start, records)| {
-            if keys.is_empty() && records.is_empty() && self.offset.is_none() {
+            if keys.is_empty()
+                && self.staged_sources.is_empty()
+                && records.is_empty()
+                && self.offset.is_none()
+            {
                 return None;
             }
             let entry = OutboxEntry {
@@ -373,7 +385,14 @@ impl<'s> Batch<'s> {
                         key: (*k).clone(),
                         entry: staged.entry,
                         release: staged.release,
+                        source: None,
                     })
+                    .chain(self.staged_sources.iter().map(|(k, state)| Change {
+                        key: k.clone(),
+                        entry: None,
+                        release: None,
+                        source: Some(state.clone()),
+                    }))
                     .collect(),
                 records: records.clone(),
             };
@@ -431,6 +450,9 @@ impl<'s> Batch<'s> {
         }
         if let Some(next) = self.changelog_next {
             shard.advance_changelog(next);
+        }
+        if !self.staged_sources.is_empty() {
+            shard.note_sources(&self.staged_sources, self.partition_now());
         }
         let mut claims_changed = false;
         for (k, staged) in &self.staged {

@@ -14,13 +14,15 @@ use tracing::{debug, info, warn};
 use crate::bloom::ExpiringFilter;
 use crate::claim::next_token;
 use crate::config::TimeDomain;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout::{
     decode_entry, decode_offset, decode_u64, Entry, CHANGELOG_KEY, EPOCH_KEY, EVENT_TIME_KEY,
-    MARK_TAG, OFFSET_KEY, OUTBOX_PREFIX, SEQUENCE_PIN_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+    MARK_TAG, OFFSET_KEY, OUTBOX_PREFIX, SEQUENCE_PIN_KEY, SNAPSHOT_KEY, SOURCE_PREFIX,
+    WATERMARK_KEY,
 };
 use crate::outbox::{outbox_seq, OutboxEntry};
 use crate::recovery::partition_cf_options;
+use crate::sequence::SourceState;
 use crate::shard::{Shard, ShardInit};
 use crate::snapshot::{self, Taken};
 use crate::ttl::{partition_time, CfShared};
@@ -167,8 +169,40 @@ impl Engine {
             claims,
             outbox_next,
             changelog,
+            sources: self.sources(&cf, partition_now)?,
         };
         Ok((name, shared, init))
+    }
+
+    /// The partition's live sequence sources (sequence mode), by stored key.
+    /// A source is one key (a producer), so there are few: read whole on
+    /// every assign rather than kept in the filter snapshot.
+    pub(crate) fn sources(
+        &self,
+        cf: &Cf<'_>,
+        partition_now: u64,
+    ) -> Result<HashMap<Vec<u8>, SourceState>> {
+        let mut sources = HashMap::new();
+        let mut it = self.db.raw_iterator_cf(cf);
+        it.seek(SOURCE_PREFIX);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(SOURCE_PREFIX) {
+                break;
+            }
+            let state = SourceState::decode(v).ok_or_else(|| {
+                Error::Corruption(format!(
+                    "sequence source {} holds a malformed state of {} bytes",
+                    k.escape_ascii(),
+                    v.len()
+                ))
+            })?;
+            if state.is_live(partition_now) {
+                sources.insert(k.to_vec(), state);
+            }
+            it.next();
+        }
+        it.status().map_err(|e| self.storage(e))?;
+        Ok(sources)
     }
 
     /// The partition's outbox entries not yet published, in order.

@@ -362,7 +362,7 @@ impl Changelog {
             let topic = self.topic(p.topic());
             for entry in list {
                 for change in &entry.changes {
-                    let value = change.entry.map(|e| e.encode());
+                    let value = change.value();
                     let token = change.release.map(u64::to_be_bytes);
                     let headers = token.as_ref().map(|token| {
                         OwnedHeaders::new().insert(Header {

@@ -327,7 +327,11 @@ impl ChangelogState {
                         changes: entry
                             .changes
                             .into_iter()
-                            .filter(|c| matches!(c.entry, Some(Entry::Done { .. })))
+                            // Marks and sources' numbers: their side
+                            // effects happened.
+                            .filter(|c| {
+                                matches!(c.entry, Some(Entry::Done { .. })) || c.source.is_some()
+                            })
                             .collect(),
                         records: Vec::new(),
                     };
