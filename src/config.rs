@@ -102,6 +102,10 @@ pub const MAX_KEY_LEN_LIMIT: usize = 64 * 1024;
 /// Longest accepted TTL: 100 years.
 pub(crate) const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
+/// The widest sequence window ([`Options::sequence_window`]): 8 KiB of
+/// bitmap per source.
+pub(crate) const MAX_SEQUENCE_WINDOW: u32 = 65_536;
+
 /// Options for [`crate::Store::open`].
 ///
 /// | option | default | fixed at creation? |
@@ -345,7 +349,12 @@ impl Options {
                 self.max_key_len
             )));
         }
-        crate::sequence::validate_window(self.sequence_window)?;
+        if self.sequence_window == 0 || self.sequence_window > MAX_SEQUENCE_WINDOW {
+            return Err(Error::InvalidOptions(format!(
+                "sequence_window must be between 1 and {MAX_SEQUENCE_WINDOW}, got {}",
+                self.sequence_window
+            )));
+        }
         if let Some(idle) = self.source_idle {
             if idle < Duration::from_millis(1) || idle > MAX_TTL {
                 return Err(Error::InvalidOptions(format!(

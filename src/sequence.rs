@@ -4,9 +4,8 @@
 //! store keeps, per partition and source, one [`SourceState`]: the source's
 //! epoch, the highest sequence number marked under it, a bitmap of which of
 //! the `window` numbers up to it were marked, and when the source expires
-//! if it marks nothing more. Its stored form is in `layout.rs`
-//! ([`SOURCE_PREFIX`](crate::layout::SOURCE_PREFIX)); this module is the
-//! arithmetic.
+//! if it marks nothing more. The state's key is in `layout.rs` (the source
+//! prefix); its value, and the arithmetic, are here.
 //!
 //! A number above the high-water mark is new (the numbers it skips stay
 //! open within the window); one inside the window is new exactly when its
@@ -19,10 +18,7 @@ use crate::error::{Error, Result};
 use crate::verdict::Verdict;
 use crate::Partition;
 
-/// The fewest and most sequence numbers a window may cover.
-pub(crate) const MIN_WINDOW: u32 = 1;
-/// See [`MIN_WINDOW`]: 8 KiB of bitmap per source at most.
-pub(crate) const MAX_WINDOW: u32 = 65_536;
+use crate::config::MAX_SEQUENCE_WINDOW;
 
 /// What a sequence number is, against a source's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,7 +248,7 @@ impl SourceState {
             Some(u64::from_be_bytes(rest.get(i..i + 8)?.try_into().ok()?))
         };
         let window = u32::from_be_bytes(rest.get(24..28)?.try_into().ok()?);
-        if !(MIN_WINDOW..=MAX_WINDOW).contains(&window) {
+        if !(1..=MAX_SEQUENCE_WINDOW).contains(&window) {
             return None;
         }
         let n = words(window);
@@ -288,17 +284,6 @@ fn bit(bits: &[u64], i: u64) -> bool {
         .ok()
         .and_then(|w| bits.get(w))
         .is_some_and(|w| w >> (i % 64) & 1 == 1)
-}
-
-/// Checks a sequence window given in the options.
-pub(crate) fn validate_window(window: u32) -> Result<()> {
-    if (MIN_WINDOW..=MAX_WINDOW).contains(&window) {
-        Ok(())
-    } else {
-        Err(Error::InvalidOptions(format!(
-            "sequence_window must be between {MIN_WINDOW} and {MAX_WINDOW}, got {window}"
-        )))
-    }
 }
 
 #[cfg(test)]
