@@ -9,6 +9,7 @@
 mod kafka_support;
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,25 +67,28 @@ fn leave(consumer: AsyncIdempotentConsumer) {
 }
 
 /// Polls until the store's offsets reach `ends`; the handler awaits a timer
-/// before its side effect, and checks that the key the loop passes is the
-/// message's. Returns the messages it handled.
+/// (`pause()` when it is called) before its side effect, and checks that the
+/// key the loop passes is the message's. Returns the messages it handled.
 async fn run(
     consumer: &mut AsyncIdempotentConsumer,
     store: &Store,
     ends: &HashMap<i32, i64>,
     sink: &Sink,
-    pause: Duration,
+    pause: impl Fn() -> Duration,
 ) -> usize {
     let started = Instant::now();
     let mut handled = 0;
     while !reached(store, ends) {
         handled += consumer
-            .poll_batch(Duration::from_millis(100), |m, key| async move {
-                tokio::time::sleep(pause).await;
-                let key = key.expect("keyed");
-                assert_eq!(header_key(&m).as_deref(), Some(key.as_slice()));
-                sink.apply(&key);
-                Ok::<(), std::convert::Infallible>(())
+            .poll_batch(Duration::from_millis(100), |m, key| {
+                let pause = pause();
+                async move {
+                    tokio::time::sleep(pause).await;
+                    let key = key.expect("keyed");
+                    assert_eq!(header_key(&m).as_deref(), Some(key.as_slice()));
+                    sink.apply(&key);
+                    Ok::<(), std::convert::Infallible>(())
+                }
             })
             .await
             .unwrap()
@@ -106,12 +110,25 @@ async fn async_handlers_apply_every_key_once_while_a_second_consumer_joins() {
     produce(&servers, (0..120).chain(0..40).chain(120..160), &mut ends);
 
     let mut a = shared(&servers, &group);
+    // Until the second consumer has handled a message, the first takes
+    // 200 ms a message (32 s for all of them): the second joins (a few
+    // seconds on the mock cluster, more on a loaded machine) long before
+    // the end. Then both take 20 ms.
+    let joined = Arc::new(AtomicBool::new(false));
+    let pace = {
+        let joined = joined.clone();
+        move || {
+            if joined.load(Ordering::Relaxed) {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(200)
+            }
+        }
+    };
     let task_a = {
         let (store, ends, sink) = (store.clone(), ends.clone(), sink.clone());
         tokio::spawn(async move {
-            // 50 ms a message: the second consumer joins (a few seconds on
-            // the mock cluster) long before the end.
-            let handled = run(&mut a, &store, &ends, &sink, Duration::from_millis(50)).await;
+            let handled = run(&mut a, &store, &ends, &sink, pace).await;
             (handled, a)
         })
     };
@@ -125,7 +142,11 @@ async fn async_handlers_apply_every_key_once_while_a_second_consumer_joins() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut b = shared(&servers, &group);
-    let by_b = run(&mut b, &store, &ends, &sink, Duration::from_millis(50)).await;
+    let by_b = run(&mut b, &store, &ends, &sink, || {
+        joined.store(true, Ordering::Relaxed);
+        Duration::from_millis(20)
+    })
+    .await;
     let (by_a, a) = task_a.await.unwrap();
     // Both leave the group before they are dropped (librdkafka asserts on
     // a consumer destroyed while an assignment is in progress).
@@ -157,7 +178,7 @@ async fn die_then_resume(claimed: bool) -> (Sink, BTreeSet<String>, Vec<String>,
         store: store_a,
     } = Instance::start(&servers, dirs.0.path(), "a", true);
     let mut consumer = AsyncIdempotentConsumer::new(consumer);
-    run(&mut consumer, &store_a, &ends, &sink, Duration::ZERO).await;
+    run(&mut consumer, &store_a, &ends, &sink, || Duration::ZERO).await;
     produce(&servers, 40..80, &mut ends);
 
     // The handler dies (a panic) after its third side effect: the task is
@@ -236,7 +257,7 @@ async fn die_then_resume(claimed: bool) -> (Sink, BTreeSet<String>, Vec<String>,
                 .await
                 .unwrap();
         } else {
-            run(&mut consumer, &store_b, &ends, &sink, Duration::ZERO).await;
+            run(&mut consumer, &store_b, &ends, &sink, || Duration::ZERO).await;
         }
         assert!(started.elapsed() < DEADLINE);
     }
