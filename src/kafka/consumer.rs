@@ -17,7 +17,7 @@ use super::metrics::LoopMetrics;
 use super::poll::{by_partition, first_offsets, PartitionResult, PollReport, DEFAULT_CLAIM_LEASE};
 use super::publish::{ChangelogState, Restores, ToPublish};
 use crate::batch::Batch;
-use crate::{Error, Partition};
+use crate::Partition;
 
 /// When the poll loop commits offsets to Kafka. Kafka commits always follow
 /// the store commit; the store's offsets are the resume points, and Kafka's
@@ -493,71 +493,6 @@ impl IdempotentConsumer {
             resume_at: offset,
             outcome: error.map_or(Ok(()), Err),
         }
-    }
-
-    /// Handles one message: checks its key in the partition's batch, runs
-    /// the handler on a new one and then marks it in the batch.
-    fn handle<E, H>(
-        &self,
-        p: &Partition,
-        m: &BorrowedMessage<'_>,
-        batch: &mut Batch<'_>,
-        handler: &mut H,
-        report: &mut PollReport,
-    ) -> Result<(), ConsumeError<E>>
-    where
-        H: FnMut(&BorrowedMessage<'_>, Option<&[u8]>, &mut Batch<'_>) -> Result<(), E>,
-    {
-        let handler_error = |source| ConsumeError::Handler {
-            partition: p.clone(),
-            offset: m.offset(),
-            source,
-        };
-        batch.set_input(m.offset());
-        let key = self.keys.extract(m);
-        // One read: the batch sees the keys it marked itself, and it holds
-        // the partition's write lock, so nobody marks the key between this
-        // check and the mark after the handler. A key the store cannot take
-        // (empty, or longer than `max_key_len`) counts as missing: retrying
-        // it could never succeed.
-        let checked = match key.as_deref().map(|k| batch.check_for_mark(k)) {
-            None | Some(Err(Error::EmptyKey | Error::KeyTooLong { .. })) => None,
-            Some(Ok(None)) => {
-                report.duplicates += 1;
-                return Ok(());
-            }
-            Some(Ok(Some(checked))) => Some(checked),
-            Some(Err(e)) => return Err(e.into()),
-        };
-        let (Some(key), Some(checked)) = (key, checked) else {
-            return match self.missing {
-                MissingKey::Skip => {
-                    report.skipped += 1;
-                    Ok(())
-                }
-                MissingKey::Process => {
-                    let staged = batch.outbox_len();
-                    if let Err(e) = handler(m, None, batch) {
-                        batch.truncate_outbox(staged);
-                        return Err(handler_error(e));
-                    }
-                    report.processed += 1;
-                    Ok(())
-                }
-                MissingKey::Fail => Err(ConsumeError::MissingKey {
-                    partition: p.clone(),
-                    offset: m.offset(),
-                }),
-            };
-        };
-        let staged = batch.outbox_len();
-        if let Err(e) = handler(m, Some(&key), batch) {
-            batch.truncate_outbox(staged);
-            return Err(handler_error(e));
-        }
-        report.processed += 1;
-        batch.mark_checked(checked);
-        Ok(())
     }
 
     /// Positions the consumer at the first unprocessed message of each

@@ -27,7 +27,8 @@ use crate::Partition;
 
 /// Messages whose handler ran and succeeded (counter).
 const PROCESSED: &str = "exactly_kafka_messages_processed_total";
-/// Messages skipped: `reason` is `duplicate` or `no_key` (counter).
+/// Messages skipped: `reason` is `duplicate`, `no_key` or `fenced`
+/// (counter).
 const SKIPPED: &str = "exactly_kafka_messages_skipped_total";
 /// Claim mode: messages handed to the handler in doubt (counter).
 const IN_DOUBT: &str = "exactly_kafka_messages_in_doubt_total";
@@ -82,6 +83,7 @@ pub(super) struct Tally {
     processed: usize,
     duplicates: usize,
     skipped: usize,
+    fenced: usize,
     in_doubt: usize,
 }
 
@@ -91,6 +93,7 @@ impl Tally {
             processed: report.processed,
             duplicates: report.duplicates,
             skipped: report.skipped,
+            fenced: report.fenced,
             in_doubt: report.in_doubt,
         }
     }
@@ -101,6 +104,7 @@ pub(super) struct PartitionMetrics {
     processed: Counter,
     duplicates: Counter,
     no_key: Counter,
+    fenced: Counter,
     in_doubt: Counter,
     failed: Counter,
     handler: Histogram,
@@ -122,6 +126,7 @@ impl PartitionMetrics {
             processed: counter!(PROCESSED, &labels),
             duplicates: skipped("duplicate"),
             no_key: skipped("no_key"),
+            fenced: skipped("fenced"),
             in_doubt: counter!(IN_DOUBT, &labels),
             failed: counter!(FAILED, &labels),
             handler: histogram!(HANDLER_SECONDS, &labels),
@@ -141,6 +146,7 @@ impl PartitionMetrics {
         add(&self.processed, now.processed, before.processed);
         add(&self.duplicates, now.duplicates, before.duplicates);
         add(&self.no_key, now.skipped, before.skipped);
+        add(&self.fenced, now.fenced, before.fenced);
         add(&self.in_doubt, now.in_doubt, before.in_doubt);
         if failed {
             self.failed.increment(1);
@@ -205,7 +211,7 @@ fn describe() {
     describe_counter!(
         SKIPPED,
         Unit::Count,
-        "Messages skipped without their handler: reason=duplicate (the key was processed) or no_key (no idempotency key, under MissingKey::Skip)."
+        "Messages skipped without their handler: reason=duplicate (the key was processed), no_key (no idempotency key, under MissingKey::Skip) or fenced (sequence mode: an older epoch of the message's source)."
     );
     describe_counter!(
         IN_DOUBT,

@@ -27,6 +27,9 @@ pub struct PollReport {
     pub in_doubt: usize,
     /// Keyless messages skipped under [`MissingKey::Skip`](super::MissingKey::Skip).
     pub skipped: usize,
+    /// Sequence mode: messages skipped because their source had moved to a
+    /// newer epoch (a replaced producer's).
+    pub fenced: usize,
     /// Messages polled before a rebalance and dropped unprocessed (they are
     /// delivered again from the resume point).
     pub discarded: usize,
