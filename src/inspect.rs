@@ -16,12 +16,13 @@ use crate::config::{KeyMode, Options, TimeDomain};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::layout::{
-    decode_entry, decode_offset, decode_u64, mark_key, Entry, CHANGELOG_KEY,
+    decode_entry, decode_offset, decode_u64, mark_key, source_of, Entry, CHANGELOG_KEY,
     CHANGELOG_PROGRESS_KEY, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, SNAPSHOT_KEY,
     WATERMARK_KEY,
 };
 use crate::ledger::Ledger;
 use crate::manifest::Manifest;
+use crate::sequence::SourceState;
 use crate::ttl::partition_time;
 use crate::{Partition, Store};
 
@@ -297,6 +298,26 @@ pub fn partition_now(store: &Store, meta: &PartitionMeta) -> u64 {
         .saturating_sub(engine.lateness_millis())
         .max(meta.watermark.unwrap_or(0));
     partition_time(engine.time_domain(), engine.now(), watermark)
+}
+
+/// The live sequence sources of an unassigned partition (sequence mode),
+/// by source, at partition time `partition_now`.
+pub(crate) fn sources(
+    store: &Store,
+    partition: &Partition,
+    partition_now: u64,
+) -> Result<Vec<(Vec<u8>, SourceState)>> {
+    let (engine, _membership) = store.unassigned(partition)?;
+    let Some(cf) = engine.db().cf_handle(&partition.cf_name()) else {
+        return Ok(Vec::new());
+    };
+    let mut sources: Vec<(Vec<u8>, SourceState)> = engine
+        .sources(&cf, partition_now)?
+        .into_iter()
+        .filter_map(|(k, s)| source_of(&k).map(|source| (source.to_vec(), s)))
+        .collect();
+    sources.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(sources)
 }
 
 /// Calls `f` with every stored entry of an unassigned partition, in key

@@ -256,6 +256,82 @@ fn import_invalidates_the_filter_snapshot() {
     assert_eq!(store.check(&p, b"imported-7").unwrap(), Verdict::Duplicate);
 }
 
+/// Sequence sources travel with an export (format version 2) and merge on
+/// import: every number marked on either side stays marked, the later epoch
+/// wins, and an export without sources stays version 1.
+#[test]
+fn sources_travel_with_an_export_and_merge_on_import() {
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let file = work.path().join("a.export");
+    let p = orders(0);
+    let (store, _) = open_at(&a, FUTURE);
+    store.assign(&p).unwrap();
+    store.mark(&p, b"key").unwrap();
+    store.close().unwrap();
+    let v = json(&["export", path_str(&a), "orders", "0", path_str(&file)]);
+    assert_eq!(v["format_version"], 1, "{v}");
+    assert_eq!(v["sources"], 0, "{v}");
+
+    let (store, _) = open_at(&a, FUTURE);
+    store.assign(&p).unwrap();
+    for seq in [10, 12, 20] {
+        store.mark_sequence(&p, b"relay", 1, seq).unwrap();
+    }
+    store.mark_sequence(&p, b"cdc", 4, 7).unwrap();
+    store.close().unwrap();
+    // The target knows the relay at the same epoch with other numbers, and
+    // the connector at an older epoch.
+    let (store, _) = open_at(&b, FUTURE);
+    store.assign(&p).unwrap();
+    for seq in [11, 25] {
+        store.mark_sequence(&p, b"relay", 1, seq).unwrap();
+    }
+    store.mark_sequence(&p, b"cdc", 3, 100).unwrap();
+    store.close().unwrap();
+
+    let v = json(&["export", path_str(&a), "orders", "0", path_str(&file)]);
+    assert_eq!(v["format_version"], 2, "{v}");
+    assert_eq!(v["sources"], 2, "{v}");
+    let v = json(&["import", path_str(&b), path_str(&file)]);
+    assert_eq!(v["sources"], 2, "{v}");
+
+    let (store, _) = open_at(&b, FUTURE);
+    store.assign(&p).unwrap();
+    for seq in [10, 11, 12, 20, 25] {
+        assert_eq!(
+            store.check_sequence(&p, b"relay", 1, seq).unwrap(),
+            Verdict::Duplicate,
+            "relay {seq}"
+        );
+    }
+    for seq in [13, 19, 21, 24, 26] {
+        assert_eq!(
+            store.check_sequence(&p, b"relay", 1, seq).unwrap(),
+            Verdict::New,
+            "relay {seq}"
+        );
+    }
+    assert_eq!(
+        store.check_sequence(&p, b"cdc", 4, 7).unwrap(),
+        Verdict::Duplicate
+    );
+    assert_eq!(
+        store.check_sequence(&p, b"cdc", 4, 8).unwrap(),
+        Verdict::New
+    );
+    assert!(matches!(
+        store.check_sequence(&p, b"cdc", 3, 101),
+        Err(exactly::Error::SourceFenced { current: 4, .. })
+    ));
+    assert_eq!(store.check(&p, b"key").unwrap(), Verdict::Duplicate);
+    store.close().unwrap();
+
+    // Again: nothing changes.
+    let v = json(&["import", path_str(&b), path_str(&file)]);
+    assert_eq!(v["written"], 0, "{v}");
+}
+
 #[test]
 fn a_damaged_export_is_refused_and_changes_nothing() {
     let work = tempfile::tempdir().unwrap();

@@ -38,17 +38,19 @@ fn report(ctx: &Ctx, verb: &str, s: &ExportSummary, file: &Path) {
             "entries": s.entries,
             "marks": s.marks,
             "claims": s.claims,
+            "sources": s.sources,
             "committed_offset": h.offset,
             "epoch": h.epoch,
             "bytes": s.bytes,
         }));
     } else {
         println!(
-            "{verb} {}: {} entries ({} marks, {} claims), offset {}, epoch {}, {} bytes: {}",
+            "{verb} {}: {} entries ({} marks, {} claims), {} sources, offset {}, epoch {}, {} bytes: {}",
             h.partition,
             s.entries,
             s.marks,
             s.claims,
+            s.sources,
             h.offset.map_or("-".into(), |o| o.to_string()),
             h.epoch,
             s.bytes,
@@ -99,6 +101,7 @@ pub(crate) fn import(ctx: &Ctx, dir: &Path, file: &Path, to: Option<&Partition>)
             "topic": summary.partition.topic(),
             "partition": summary.partition.partition(),
             "entries": summary.file.entries,
+            "sources": summary.file.sources,
             "written": summary.written,
             "kept": summary.kept,
             "expired": summary.expired,
@@ -110,11 +113,12 @@ pub(crate) fn import(ctx: &Ctx, dir: &Path, file: &Path, to: Option<&Partition>)
     } else {
         let o = |o: Option<i64>| o.map_or("-".into(), |o| o.to_string());
         println!(
-            "imported {} into {}: {} entries: {} written, {} kept (the store's expire later), \
-             {} expired; offset {} -> {}, epoch {} -> {}",
+            "imported {} into {}: {} entries and {} sources: {} written, {} kept (the store's \
+             expire later), {} expired; offset {} -> {}, epoch {} -> {}",
             file.display(),
             summary.partition,
             summary.file.entries,
+            summary.file.sources,
             summary.written,
             summary.kept,
             summary.expired,

@@ -6,25 +6,31 @@
 //! integers big-endian):
 //!
 //! ```text
-//! "EXEXPORT" ++ version: u16 (= 1) ++ key_mode: u8 (0 raw, 1 hashed)
+//! "EXEXPORT" ++ version: u16 (1, or 2 with sources) ++ key_mode: u8 (0 raw, 1 hashed)
 //!   ++ time_domain: u8 (0 processing, 1 event)
 //!   ++ topic_len: u16 ++ topic ++ partition: i32
 //!   ++ offset: i64 (-1: none) ++ epoch: u64
 //!   ++ present: u8 (bit 0: event_time, bit 1: watermark)
 //!   ++ event_time: u64 ++ watermark: u64 ++ exported_at: u64
+//! then per source (version 2): 0x02 ++ source_len: u32 ++ source
+//!                               ++ value_len: u32 ++ value
 //! then per entry: 0x01 ++ key_len: u32 ++ key ++ value_len: u8 ++ value
-//! then the end:   0x00 ++ entries: u64 ++ xxh3_64 of every byte before it: u64
+//! then the end:   0x00 ++ records: u64 ++ xxh3_64 of every byte before it: u64
 //! ```
 //!
 //! `key` is the stored key without its tag (the user key, or its XXH3-128
 //! in hashed stores) and `value` the entry as the store keeps it
 //! (`docs/design.md`, "Keys and values"). Only entries that still count are
-//! exported: live marks, and claims within the claim grace.
+//! exported: live marks, and claims within the claim grace. A source's
+//! `value` is its sequence state as the store keeps it (sequence mode);
+//! only live sources are exported. An export without sources is written as
+//! version 1, which builds that predate sources read.
 //!
 //! Import reads the whole file once and checks it (layout, count, checksum)
 //! before it writes anything, so a damaged file changes nothing. Then it
 //! merges: of a key present on both sides the later expiry stays (a live
-//! processed mark always beats a claim), and the offset, epoch, event time
+//! processed mark always beats a claim), a source present on both sides
+//! keeps every number marked on either side (the later epoch wins), and the offset, epoch, event time
 //! and watermark only ever rise. The first write of an entry deletes the
 //! partition's filter snapshot id in the same atomic batch (a snapshot
 //! without the imported marks would answer `New` for them; an import that
@@ -34,28 +40,31 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufWriter, Write};
+use std::path::Path;
 
 use rocksdb::WriteBatch;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::config::{KeyMode, TimeDomain, MAX_KEY_LEN_LIMIT};
+use crate::config::{KeyMode, TimeDomain};
 use crate::durable::sync_dir;
 use crate::error::{Error, Result};
 use crate::inspect::{self, stored_form, EntryState};
 use crate::layout::{
-    encode_offset, Entry, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, SNAPSHOT_KEY,
-    WATERMARK_KEY,
+    encode_offset, source_key, Entry, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY,
+    SNAPSHOT_KEY, WATERMARK_KEY,
 };
+use crate::sequence::SourceState;
 use crate::ttl::is_live;
 use crate::{Partition, Store};
 
-const MAGIC: &[u8; 8] = b"EXEXPORT";
-/// The export format this build writes and the newest it reads.
-pub const EXPORT_VERSION: u16 = 1;
-const TAG_ENTRY: u8 = 1;
-const TAG_END: u8 = 0;
+mod file;
+
+use file::{encode_header, read_file, HashingWriter, Record, TAG_END, TAG_ENTRY, TAG_SOURCE};
+
+/// The export format this build writes (with sources; version 1 without)
+/// and the newest it reads.
+pub const EXPORT_VERSION: u16 = 2;
 /// Entries per write batch on import.
 const CHUNK: usize = 4_096;
 
@@ -93,6 +102,8 @@ pub struct ExportSummary {
     pub marks: u64,
     /// Claims among them.
     pub claims: u64,
+    /// Sequence sources in the file (not counted in `entries`).
+    pub sources: u64,
     /// The file's size.
     pub bytes: u64,
 }
@@ -133,8 +144,13 @@ pub fn export(
     let clock_now = inspect::now(store);
     let partition_now = inspect::partition_now(store, &meta);
     let options = store.engine().options();
+    let sources = inspect::sources(store, partition, partition_now)?;
     let header = ExportHeader {
-        version: EXPORT_VERSION,
+        version: if sources.is_empty() {
+            1
+        } else {
+            EXPORT_VERSION
+        },
         partition: partition.clone(),
         key_mode: options.key_mode,
         time_domain: options.time_domain,
@@ -152,6 +168,20 @@ pub fn export(
         bytes: 0,
     };
     out.put(&encode_header(&header)).map_err(io)?;
+    for (source, state) in &sources {
+        let value = state.encode();
+        let mut record = Vec::with_capacity(9 + source.len() + value.len());
+        record.push(TAG_SOURCE);
+        record.extend_from_slice(
+            &u32::try_from(source.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        record.extend_from_slice(source);
+        record.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_be_bytes());
+        record.extend_from_slice(&value);
+        out.put(&record).map_err(io)?;
+    }
     let (mut entries, mut marks, mut claims) = (0u64, 0u64, 0u64);
     inspect::for_each_entry(store, partition, |e| {
         if !inspect::is_retained(store, e.state, partition_now, clock_now) {
@@ -178,7 +208,7 @@ pub fn export(
         Ok(true)
     })?;
     let mut end = vec![TAG_END];
-    end.extend_from_slice(&entries.to_be_bytes());
+    end.extend_from_slice(&(entries + sources.len() as u64).to_be_bytes());
     out.put(&end).map_err(io)?;
     let sum = out.hash.digest();
     let bytes = out.bytes + 8;
@@ -197,6 +227,7 @@ pub fn export(
         entries,
         marks,
         claims,
+        sources: sources.len() as u64,
         bytes,
     })
 }
@@ -206,7 +237,7 @@ pub fn export(
 ///
 /// Errors: [`Error::BadExport`] saying what is wrong; [`Error::Io`].
 pub fn read_export(file: &Path, progress: &mut dyn FnMut(u64)) -> Result<ExportSummary> {
-    read_file(file, progress, &mut |_, _| Ok(()))
+    read_file(file, progress, &mut |_| Ok(()))
 }
 
 /// Imports an export file into `to` (or the partition it was exported
@@ -268,7 +299,45 @@ pub fn import(
     let (mut written, mut kept, mut expired) = (0u64, 0u64, 0u64);
     let mut batch = WriteBatch::default();
     let mut staged: HashMap<Vec<u8>, Entry> = HashMap::new();
-    read_file(file, progress, &mut |key, entry| {
+    let mut staged_sources: HashMap<Vec<u8>, SourceState> = HashMap::new();
+    let mut snapshot_dropped = false;
+    read_file(file, progress, &mut |record| {
+        let (key, entry) = match record {
+            Record::Entry(key, entry) => (key, entry),
+            Record::Source(source, state) => {
+                let k = source_key(source);
+                if !state.is_live(partition_now) {
+                    expired += 1;
+                    return Ok(());
+                }
+                let existing = match staged_sources.get(&k) {
+                    Some(s) => Some(s.clone()),
+                    None => engine
+                        .db()
+                        .get_pinned_cf(&cf, &k)
+                        .map_err(|e| Error::storage(e, engine.path()))?
+                        .map(|v| {
+                            SourceState::decode(&v).ok_or_else(|| {
+                                Error::Corruption(format!(
+                                    "{target}: sequence source {} holds a malformed state",
+                                    source.escape_ascii()
+                                ))
+                            })
+                        })
+                        .transpose()?,
+                }
+                .filter(|s| s.is_live(partition_now));
+                let merged = existing.as_ref().map_or(state.clone(), |e| e.merge(&state));
+                if Some(&merged) == existing.as_ref() {
+                    kept += 1;
+                } else {
+                    batch.put_cf(&cf, &k, merged.encode());
+                    staged_sources.insert(k, merged);
+                    written += 1;
+                }
+                return Ok(());
+            }
+        };
         let stored = if rehash {
             stored_form(KeyMode::Hashed, key)
         } else {
@@ -290,10 +359,12 @@ pub fn import(
         if Some(merged) == existing {
             kept += 1;
         } else {
-            if written == 0 {
+            if !snapshot_dropped {
                 // With the first entry, in the same atomic write: a
                 // snapshot without the imported entries would answer `New`.
+                // (Sources are never in a snapshot: they are read on assign.)
                 batch.delete_cf(&cf, SNAPSHOT_KEY);
+                snapshot_dropped = true;
             }
             batch.put_cf(&cf, &k, merged.encode());
             staged.insert(k, merged);
@@ -373,201 +444,6 @@ fn merge(existing: Option<Entry>, imported: Entry, partition_now: u64, clock_now
         imported
     } else {
         existing
-    }
-}
-
-fn encode_header(h: &ExportHeader) -> Vec<u8> {
-    let mut v = Vec::with_capacity(64 + h.partition.topic().len());
-    v.extend_from_slice(MAGIC);
-    v.extend_from_slice(&h.version.to_be_bytes());
-    v.push(match h.key_mode {
-        KeyMode::Raw => 0,
-        KeyMode::Hashed => 1,
-    });
-    v.push(match h.time_domain {
-        TimeDomain::ProcessingTime => 0,
-        TimeDomain::EventTime => 1,
-    });
-    let topic = h.partition.topic().as_bytes();
-    // Topics are at most 249 bytes (validated by the store).
-    v.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_be_bytes());
-    v.extend_from_slice(topic);
-    v.extend_from_slice(&h.partition.partition().to_be_bytes());
-    v.extend_from_slice(&h.offset.unwrap_or(-1).to_be_bytes());
-    v.extend_from_slice(&h.epoch.to_be_bytes());
-    v.push(u8::from(h.event_time.is_some()) | (u8::from(h.watermark.is_some()) << 1));
-    v.extend_from_slice(&h.event_time.unwrap_or(0).to_be_bytes());
-    v.extend_from_slice(&h.watermark.unwrap_or(0).to_be_bytes());
-    v.extend_from_slice(&h.exported_at.to_be_bytes());
-    v
-}
-
-struct HashingWriter<W: Write> {
-    inner: W,
-    hash: Xxh3,
-    bytes: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
-        self.inner.write_all(b)?;
-        self.hash.update(b);
-        self.bytes += b.len() as u64;
-        Ok(())
-    }
-}
-
-/// Reads an export file, checking everything, and gives each entry to
-/// `visit` (key without tag, entry) as it goes.
-fn read_file(
-    file: &Path,
-    progress: &mut dyn FnMut(u64),
-    visit: &mut dyn FnMut(&[u8], Entry) -> Result<()>,
-) -> Result<ExportSummary> {
-    let f = fs::File::open(file).map_err(|e| Error::io(file, e))?;
-    let size = f.metadata().map_err(|e| Error::io(file, e))?.len();
-    let mut r = Reader {
-        inner: BufReader::new(f),
-        hash: Xxh3::new(),
-        bytes: 0,
-        path: file.to_path_buf(),
-    };
-    let magic = r.take(8)?;
-    if magic != MAGIC {
-        return Err(r.bad("it does not start with EXEXPORT (not an export file)"));
-    }
-    let version = u16::from_be_bytes(r.array()?);
-    if version > EXPORT_VERSION || version == 0 {
-        return Err(r.bad(&format!(
-            "export format version {version}; this build reads up to {EXPORT_VERSION}"
-        )));
-    }
-    let key_mode = match r.byte()? {
-        0 => KeyMode::Raw,
-        1 => KeyMode::Hashed,
-        other => return Err(r.bad(&format!("unknown key mode {other}"))),
-    };
-    let time_domain = match r.byte()? {
-        0 => TimeDomain::ProcessingTime,
-        1 => TimeDomain::EventTime,
-        other => return Err(r.bad(&format!("unknown time domain {other}"))),
-    };
-    let topic_len = usize::from(u16::from_be_bytes(r.array()?));
-    let topic =
-        String::from_utf8(r.take(topic_len)?).map_err(|_| r.bad("the topic is not UTF-8"))?;
-    let partition = Partition::new(topic, i32::from_be_bytes(r.array()?));
-    partition
-        .validate()
-        .map_err(|e| r.bad(&format!("the partition is not valid: {e}")))?;
-    let offset = i64::from_be_bytes(r.array()?);
-    if offset < -1 {
-        return Err(r.bad(&format!("negative offset {offset}")));
-    }
-    let epoch = u64::from_be_bytes(r.array()?);
-    let present = r.byte()?;
-    let event_time = u64::from_be_bytes(r.array()?);
-    let watermark = u64::from_be_bytes(r.array()?);
-    let exported_at = u64::from_be_bytes(r.array()?);
-    let header = ExportHeader {
-        version,
-        partition,
-        key_mode,
-        time_domain,
-        offset: (offset >= 0).then_some(offset),
-        epoch,
-        event_time: (present & 1 != 0).then_some(event_time),
-        watermark: (present & 2 != 0).then_some(watermark),
-        exported_at,
-    };
-    let (mut entries, mut marks, mut claims) = (0u64, 0u64, 0u64);
-    loop {
-        match r.byte()? {
-            TAG_ENTRY => {}
-            TAG_END => break,
-            other => return Err(r.bad(&format!("unknown record tag {other}"))),
-        }
-        let key_len = usize::try_from(u32::from_be_bytes(r.array()?)).unwrap_or(usize::MAX);
-        if key_len == 0 || key_len > MAX_KEY_LEN_LIMIT {
-            return Err(r.bad(&format!("a key of {key_len} bytes")));
-        }
-        let key = r.take(key_len)?;
-        let value_len = usize::from(r.byte()?);
-        let value = r.take(value_len)?;
-        let entry = Entry::decode(&value)
-            .ok_or_else(|| r.bad(&format!("entry {} has a malformed value", entries + 1)))?;
-        match entry {
-            Entry::Done { .. } => marks += 1,
-            Entry::Claimed { .. } => claims += 1,
-        }
-        entries += 1;
-        visit(&key, entry)?;
-        if entries.is_multiple_of(1_024) {
-            progress(r.bytes);
-        }
-    }
-    let count = u64::from_be_bytes(r.array()?);
-    let computed = r.hash.digest();
-    let mut stored = [0u8; 8];
-    r.inner
-        .read_exact(&mut stored)
-        .map_err(|_| r.bad("it is cut short (no checksum)"))?;
-    if u64::from_be_bytes(stored) != computed {
-        return Err(r.bad("checksum mismatch: the file is damaged"));
-    }
-    if count != entries {
-        return Err(r.bad(&format!("it says {count} entries but holds {entries}")));
-    }
-    let mut rest = [0u8; 1];
-    if r.inner.read(&mut rest).map_err(|e| Error::io(file, e))? != 0 {
-        return Err(r.bad("bytes follow its end"));
-    }
-    progress(size);
-    Ok(ExportSummary {
-        header,
-        entries,
-        marks,
-        claims,
-        bytes: size,
-    })
-}
-
-struct Reader<R: Read> {
-    inner: R,
-    hash: Xxh3,
-    bytes: u64,
-    path: PathBuf,
-}
-
-impl<R: Read> Reader<R> {
-    fn bad(&self, reason: &str) -> Error {
-        Error::BadExport {
-            path: self.path.clone(),
-            reason: reason.to_string(),
-        }
-    }
-
-    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
-        let mut buf = Vec::new();
-        let got = (&mut self.inner)
-            .take(n as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| Error::io(&self.path, e))?;
-        if got != n {
-            return Err(self.bad("it is cut short"));
-        }
-        self.hash.update(&buf);
-        self.bytes += n as u64;
-        Ok(buf)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        let v = self.take(N)?;
-        v.try_into().map_err(|_| self.bad("it is cut short"))
-    }
-
-    fn byte(&mut self) -> Result<u8> {
-        let [b] = self.array::<1>()?;
-        Ok(b)
     }
 }
 
