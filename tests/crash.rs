@@ -10,6 +10,11 @@
 //! committed batches not yet published: none acknowledged lost, none
 //! published coming back.
 //!
+//! Each batch also marks sequence numbers of the partition's source
+//! (sequence mode), reordered within the batch, and a redelivery of the
+//! previous batch's last number: after each kill every acknowledged number
+//! is a duplicate and none of the batch after the offset is.
+//!
 //! `EXACTLY_CRASH_TRIALS` sets the number of trials (default 6),
 //! `EXACTLY_CRASH_SEED` replays a run.
 
@@ -26,6 +31,8 @@ use exactly::{Error, Options, Partition, Store, Verdict};
 const PARTITIONS: i32 = 3;
 const KEYS_PER_BATCH: i64 = 20;
 const ROUNDS_PER_TRIAL: usize = 3;
+/// Sequence numbers of the partition's source marked per batch.
+const NUMBERS_PER_BATCH: u64 = 4;
 
 fn part(p: i32) -> Partition {
     Partition::new("events", p)
@@ -33,6 +40,17 @@ fn part(p: i32) -> Partition {
 
 fn key(p: i32, batch: i64, j: i64) -> String {
     format!("{p}-{batch}-{j}")
+}
+
+fn source(p: i32) -> String {
+    format!("source-{p}")
+}
+
+/// The sequence numbers batch `b` marks, in the order it marks them (pairs
+/// swapped, as a producer's retries arrive).
+fn numbers(b: i64) -> [u64; 4] {
+    let first = b as u64 * NUMBERS_PER_BATCH;
+    [first + 1, first, first + 3, first + 2]
 }
 
 fn options() -> Options {
@@ -70,6 +88,19 @@ fn child(dir: &Path) {
                 .check_and_mark(key(p, b - 1, 0).as_bytes())
                 .expect("redelivery");
             assert_eq!(v, Verdict::Duplicate, "redelivered {}", key(p, b - 1, 0));
+        }
+        for seq in numbers(b) {
+            let v = batch
+                .check_and_mark_sequence(source(p).as_bytes(), 1, seq)
+                .expect("mark a number");
+            assert_eq!(v, Verdict::New, "fresh number {seq} of {}", source(p));
+        }
+        if b > 0 {
+            let last = numbers(b - 1)[2];
+            let v = batch
+                .check_and_mark_sequence(source(p).as_bytes(), 1, last)
+                .expect("redelivered number");
+            assert_eq!(v, Verdict::Duplicate, "redelivered number {last}");
         }
         batch.set_offset((b + 1) * KEYS_PER_BATCH);
         let entry = outbox::commit(batch)
@@ -198,6 +229,26 @@ fn round(dir: &Path, kill_after: u64, acked: &mut Acked) {
                 );
             }
         }
+        for b in 0..=committed {
+            for seq in numbers(b) {
+                assert_eq!(
+                    store
+                        .check_sequence(&part(p), source(p).as_bytes(), 1, seq)
+                        .expect("check a number"),
+                    Verdict::Duplicate,
+                    "acknowledged number {seq} of partition {p} lost"
+                );
+            }
+        }
+        for seq in numbers(committed + 1) {
+            assert_eq!(
+                store
+                    .check_sequence(&part(p), source(p).as_bytes(), 1, seq)
+                    .expect("check a number"),
+                Verdict::New,
+                "uncommitted number {seq} of partition {p} is a duplicate"
+            );
+        }
         // The batch after the offset left nothing behind: no half-applied batch.
         for j in 0..KEYS_PER_BATCH {
             assert_eq!(
@@ -231,7 +282,8 @@ fn round(dir: &Path, kill_after: u64, acked: &mut Acked) {
         for e in &pending {
             assert_eq!(e.start % KEYS_PER_BATCH, 0, "{e:?}");
             assert_eq!(e.next, e.start + KEYS_PER_BATCH, "{e:?}");
-            assert_eq!(e.changed.len(), KEYS_PER_BATCH as usize, "{e:?}");
+            // The batch's keys, and its source's state.
+            assert_eq!(e.changed.len(), KEYS_PER_BATCH as usize + 1, "{e:?}");
         }
         acked.published.insert(p, first - 1);
         acked.committed.insert(p, committed);
