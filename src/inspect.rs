@@ -16,7 +16,7 @@ use crate::config::{KeyMode, Options, TimeDomain};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::layout::{
-    decode_entry, decode_offset, decode_u64, mark_key, source_of, Entry, CHANGELOG_KEY,
+    decode_entry, decode_offset, decode_u64, mark_key, Entry, CHANGELOG_KEY,
     CHANGELOG_PROGRESS_KEY, EPOCH_KEY, EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, SNAPSHOT_KEY,
     WATERMARK_KEY,
 };
@@ -311,11 +311,8 @@ pub(crate) fn sources(
     let Some(cf) = engine.db().cf_handle(&partition.cf_name()) else {
         return Ok(Vec::new());
     };
-    let mut sources: Vec<(Vec<u8>, SourceState)> = engine
-        .sources(&cf, partition_now)?
-        .into_iter()
-        .filter_map(|(k, s)| source_of(&k).map(|source| (source.to_vec(), s)))
-        .collect();
+    let mut sources: Vec<(Vec<u8>, SourceState)> =
+        engine.sources(&cf, partition_now)?.into_iter().collect();
     sources.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(sources)
 }

@@ -11,7 +11,7 @@ use crate::bloom::ExpiringFilter;
 use crate::config::TimeDomain;
 use crate::error::{Error, Result};
 use crate::layout::Entry;
-use crate::sequence::SourceState;
+use crate::sequence::{Seen, SourceState};
 pub(crate) use crate::stats::Counters;
 use crate::stats::{PartitionStats, ShardMetrics};
 use crate::ttl::{partition_time, CfShared};
@@ -49,7 +49,7 @@ pub(crate) struct ShardInit {
     pub(crate) outbox_next: u64,
     /// The changelog position, if a changelog was used.
     pub(crate) changelog: Option<i64>,
-    /// Sequence sources on disk, by stored key.
+    /// Sequence sources on disk, by source.
     pub(crate) sources: HashMap<Vec<u8>, SourceState>,
 }
 
@@ -82,7 +82,7 @@ pub(crate) struct Shard {
     outbox_next: AtomicU64,
     /// The changelog position (`NO_OFFSET`: none).
     changelog: AtomicI64,
-    /// Sequence sources, by stored key: all of them on disk (one entry per
+    /// Sequence sources, by source: all of them on disk (one entry per
     /// live source, so few), read on assign, so a sequence check never
     /// reads the disk. Changed after a write, under the write lock.
     sources: Mutex<HashMap<Vec<u8>, SourceState>>,
@@ -136,12 +136,18 @@ impl Shard {
         self.claims.lock().clone()
     }
 
-    /// Sequence source `k`'s state (stored key), if it is on disk.
-    pub(crate) fn source(&self, k: &[u8]) -> Option<SourceState> {
-        self.sources.lock().get(k).cloned()
+    /// Sequence source `source`'s state, if it is on disk.
+    pub(crate) fn source(&self, source: &[u8]) -> Option<SourceState> {
+        self.sources.lock().get(source).cloned()
     }
 
-    /// Records what a write put on disk for sources (stored key, state);
+    /// What `seq` of `epoch` is to `source`, judged under the table's lock
+    /// (no copy of the state).
+    pub(crate) fn seen_source(&self, source: &[u8], epoch: u64, seq: u64, now: u64) -> Seen {
+        SourceState::seen(self.sources.lock().get(source), epoch, seq, now)
+    }
+
+    /// Records what a write put on disk for sources (source, state);
     /// call with the write lock held, after the write. Expired sources
     /// leave the table as `now` (partition time) passes their expiry.
     pub(crate) fn note_sources<'a>(

@@ -14,10 +14,8 @@ use crate::claim::{Claim, ClaimToken};
 use crate::config::Options;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::layout::source_key;
 use crate::membership::{Membership, MembershipGuard};
 use crate::outbox::OutboxEntry;
-use crate::sequence::SourceState;
 use crate::shard::{Counters, Shard};
 use crate::stats::Stats;
 use crate::verdict::Verdict;
@@ -394,10 +392,10 @@ impl Store {
         // Bad input is reported before the partition is looked at.
         self.engine.validate_key(source)?;
         let shard = self.shard(partition)?;
-        let k = source_key(source);
         Counters::bump(&shard.counters.checks);
         let now = shard.partition_now(self.engine.time_domain(), self.engine.now());
-        let verdict = SourceState::seen(shard.source(&k).as_ref(), epoch, seq, now)
+        let verdict = shard
+            .seen_source(source, epoch, seq, now)
             .verdict(partition, source, epoch)?;
         if verdict == Verdict::Duplicate {
             Counters::bump(&shard.counters.duplicates);

@@ -92,7 +92,7 @@ impl Batch<'_> {
             };
             let state =
                 SourceState::decode(v).ok_or_else(|| bad("the value is not a source's state"))?;
-            self.restore_source(key, state);
+            self.restore_source(source, state);
             return Ok(());
         }
         if key.first() != Some(&MARK_TAG) {

@@ -12,8 +12,8 @@ use crate::config::Durability;
 use crate::engine::refuse_older_epoch;
 use crate::error::{Error, Result};
 use crate::layout::{
-    encode_offset, Entry, CHANGELOG_KEY, CHANGELOG_PROGRESS_KEY, EPOCH_KEY, EVENT_TIME_KEY,
-    OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
+    encode_offset, source_key, Entry, CHANGELOG_KEY, CHANGELOG_PROGRESS_KEY, EPOCH_KEY,
+    EVENT_TIME_KEY, OFFSET_KEY, SNAPSHOT_KEY, WATERMARK_KEY,
 };
 use crate::outbox::{outbox_key, Change, OutboxEntry};
 
@@ -125,8 +125,8 @@ impl Batch<'_> {
                 None => write.delete_cf(&self.cf, k),
             }
         }
-        for (k, state) in &self.staged_sources {
-            write.put_cf(&self.cf, k, state.encode());
+        for (source, state) in &self.staged_sources {
+            write.put_cf(&self.cf, source_key(source), state.encode());
         }
         if let Some(offset) = self.offset {
             write.put_cf(&self.cf, OFFSET_KEY, encode_offset(offset));
@@ -162,8 +162,8 @@ impl Batch<'_> {
                         release: staged.release,
                         source: None,
                     })
-                    .chain(self.staged_sources.iter().map(|(k, state)| Change {
-                        key: k.clone(),
+                    .chain(self.staged_sources.iter().map(|(source, state)| Change {
+                        key: source_key(source),
                         entry: None,
                         release: None,
                         source: Some(state.clone()),

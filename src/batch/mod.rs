@@ -63,8 +63,8 @@ pub struct Batch<'s> {
     // Released after `Drop::drop` has cleared the holder.
     _writer: WriterGuard,
     staged: HashMap<Vec<u8>, Staged, foldhash::quality::RandomState>,
-    /// Sequence sources' states after the batch, by stored key.
-    staged_sources: HashMap<Vec<u8>, SourceState>,
+    /// Sequence sources' states after the batch, by source.
+    staged_sources: HashMap<Vec<u8>, SourceState, foldhash::quality::RandomState>,
     marks: usize,
     offset: Option<i64>,
     fence: Option<u64>,
@@ -102,7 +102,7 @@ impl<'s> Batch<'s> {
                 64,
                 foldhash::quality::RandomState::default(),
             ),
-            staged_sources: HashMap::new(),
+            staged_sources: HashMap::with_hasher(foldhash::quality::RandomState::default()),
             marks: 0,
             offset: None,
             fence: None,

@@ -2,7 +2,6 @@
 //! batch's other changes, in its one write.
 
 use crate::error::Result;
-use crate::layout::source_key;
 use crate::sequence::SourceState;
 use crate::shard::Counters;
 use crate::ttl::expiry;
@@ -24,10 +23,10 @@ impl Batch<'_> {
     /// Errors: [`Error::SourceFenced`] for an epoch older than the source's;
     /// [`Error::EmptyKey`], [`Error::KeyTooLong`] for a bad source.
     pub fn check_sequence(&self, source: &[u8], epoch: u64, seq: u64) -> Result<Verdict> {
-        let k = self.source_key(source)?;
+        self.engine.validate_key(source)?;
         let now = self.partition_now();
         Counters::bump(&self.shard.counters.checks);
-        let verdict = self.seen(&k, source, epoch, seq, now)?;
+        let verdict = self.seen(source, epoch, seq, now)?;
         if verdict == Verdict::Duplicate {
             Counters::bump(&self.shard.counters.duplicates);
         }
@@ -44,27 +43,34 @@ impl Batch<'_> {
         epoch: u64,
         seq: u64,
     ) -> Result<Verdict> {
-        let k = self.source_key(source)?;
+        self.engine.validate_key(source)?;
         let now = self.partition_now();
         Counters::bump(&self.shard.counters.checks);
-        let verdict = self.seen(&k, source, epoch, seq, now)?;
-        match verdict {
-            Verdict::Duplicate => Counters::bump(&self.shard.counters.duplicates),
-            Verdict::New => {
-                let expires_at = expiry(now, self.engine.options().source_idle_millis());
-                let window = self.engine.options().sequence_window;
+        let verdict = self.seen(source, epoch, seq, now)?;
+        if verdict == Verdict::Duplicate {
+            Counters::bump(&self.shard.counters.duplicates);
+            return Ok(verdict);
+        }
+        let options = self.engine.options();
+        let expires_at = expiry(now, options.source_idle_millis());
+        let window = options.sequence_window;
+        // The batch's own copy of the source's state, taken from the shard
+        // once per batch and marked in place.
+        match self.staged_sources.get_mut(source) {
+            Some(state) => state.mark(epoch, seq, now, expires_at, window),
+            None => {
                 let state = SourceState::marked(
-                    self.source(&k).as_ref(),
+                    self.shard.source(source).as_ref(),
                     epoch,
                     seq,
                     now,
                     expires_at,
                     window,
                 );
-                self.staged_sources.insert(k, state);
-                self.marks += 1;
+                self.staged_sources.insert(source.to_vec(), state);
             }
         }
+        self.marks += 1;
         Ok(verdict)
     }
 
@@ -74,39 +80,31 @@ impl Batch<'_> {
         self.check_and_mark_sequence(source, epoch, seq).map(|_| ())
     }
 
-    /// Merges a source's state read from the changelog into what the batch
-    /// sees; see [`Batch::restore`].
-    pub(super) fn restore_source(&mut self, k: &[u8], state: SourceState) {
+    /// Merges the state of `source` read from the changelog into what the
+    /// batch sees; see [`Batch::restore`].
+    pub(super) fn restore_source(&mut self, source: &[u8], state: SourceState) {
         let now = self.partition_now();
-        let current = self.source(k).filter(|s| s.is_live(now));
+        let current = match self.staged_sources.get(source) {
+            Some(s) => Some(s.clone()),
+            None => self.shard.source(source),
+        }
+        .filter(|s| s.is_live(now));
         let merged = match &current {
             Some(c) => c.merge(&state),
             None => state,
         };
         if current.as_ref() != Some(&merged) {
-            self.staged_sources.insert(k.to_vec(), merged);
+            self.staged_sources.insert(source.to_vec(), merged);
         }
     }
 
-    /// The stored key of a validated source.
-    fn source_key(&self, source: &[u8]) -> Result<Vec<u8>> {
-        self.engine.validate_key(source)?;
-        Ok(source_key(source))
-    }
-
-    /// Source `k`'s state as this batch sees it: staged, then the shard's.
-    pub(super) fn source(&self, k: &[u8]) -> Option<SourceState> {
-        match self.staged_sources.get(k) {
-            Some(s) => Some(s.clone()),
-            None => self.shard.source(k),
-        }
-    }
-
-    fn seen(&self, k: &[u8], source: &[u8], epoch: u64, seq: u64, now: u64) -> Result<Verdict> {
-        SourceState::seen(self.source(k).as_ref(), epoch, seq, now).verdict(
-            &self.shard.partition,
-            source,
-            epoch,
-        )
+    /// What `seq` of `epoch` is to `source`, as this batch sees it: its own
+    /// marks first, then the shard's, without copying either.
+    fn seen(&self, source: &[u8], epoch: u64, seq: u64, now: u64) -> Result<Verdict> {
+        let seen = match self.staged_sources.get(source) {
+            Some(s) => SourceState::seen(Some(s), epoch, seq, now),
+            None => self.shard.seen_source(source, epoch, seq, now),
+        };
+        seen.verdict(&self.shard.partition, source, epoch)
     }
 }

@@ -16,9 +16,9 @@ use crate::claim::next_token;
 use crate::config::TimeDomain;
 use crate::error::{Error, Result};
 use crate::layout::{
-    decode_entry, decode_offset, decode_u64, Entry, CHANGELOG_KEY, EPOCH_KEY, EVENT_TIME_KEY,
-    MARK_TAG, OFFSET_KEY, OUTBOX_PREFIX, SEQUENCE_PIN_KEY, SNAPSHOT_KEY, SOURCE_PREFIX,
-    WATERMARK_KEY,
+    decode_entry, decode_offset, decode_u64, source_of, Entry, CHANGELOG_KEY, EPOCH_KEY,
+    EVENT_TIME_KEY, MARK_TAG, OFFSET_KEY, OUTBOX_PREFIX, SEQUENCE_PIN_KEY, SNAPSHOT_KEY,
+    SOURCE_PREFIX, WATERMARK_KEY,
 };
 use crate::outbox::{outbox_seq, OutboxEntry};
 use crate::recovery::partition_cf_options;
@@ -174,7 +174,7 @@ impl Engine {
         Ok((name, shared, init))
     }
 
-    /// The partition's live sequence sources (sequence mode), by stored key.
+    /// The partition's live sequence sources (sequence mode), by source.
     /// A source is one key (a producer), so there are few: read whole on
     /// every assign rather than kept in the filter snapshot.
     pub(crate) fn sources(
@@ -196,8 +196,8 @@ impl Engine {
                     v.len()
                 ))
             })?;
-            if state.is_live(partition_now) {
-                sources.insert(k.to_vec(), state);
+            if let Some(source) = source_of(k).filter(|_| state.is_live(partition_now)) {
+                sources.insert(source.to_vec(), state);
             }
             it.next();
         }
