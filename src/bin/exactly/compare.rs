@@ -11,7 +11,10 @@
 //! The stream is Kafka-like: 8 partitions, 1% redeliveries drawn from the last
 //! 100 000 keys, then a rebalance replay burst of 100 000 already-processed
 //! messages. Keys are 16 bytes. Every row processes the same messages and must
-//! find the same number of new keys.
+//! find the same number of new keys. The sequence-mode row reads the same
+//! messages as numbered by their producers (four per partition, each
+//! numbering its own messages), with a producer's retries arriving swapped:
+//! one state per producer instead of one mark per message.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -31,21 +34,31 @@ const REPLAY: usize = 100_000;
 /// A poll batch: a partition and its messages' keys.
 type PollBatch = (usize, Vec<[u8; 16]>);
 
-/// The stream, already cut into per-partition poll batches, and the number
-/// of distinct keys in it.
-fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
+/// Producers per partition in the sequence-mode row.
+const PRODUCERS: u64 = 4;
+
+/// The producer and sequence number of message `id` (of partition
+/// `id % PARTITIONS`): its producers take turns, each numbering its own
+/// messages from 0.
+fn numbered(id: u64) -> (u64, u64) {
+    let k = id / PARTITIONS as u64;
+    (k % PRODUCERS, k / PRODUCERS)
+}
+
+/// The stream, already cut into per-partition poll batches, the message
+/// ids of each batch, and the number of distinct keys in it.
+fn stream(messages: usize) -> (Vec<PollBatch>, Vec<Vec<u64>>, usize) {
     let mut rng = Rng(0x5eed);
     let mut recent: Vec<u64> = Vec::with_capacity(RECENT);
-    let mut pending: Vec<Vec<[u8; 16]>> =
-        (0..PARTITIONS).map(|_| Vec::with_capacity(BATCH)).collect();
-    let mut batches = Vec::new();
+    let mut pending: Vec<Vec<u64>> = (0..PARTITIONS).map(|_| Vec::with_capacity(BATCH)).collect();
+    let mut batches: Vec<(usize, Vec<u64>)> = Vec::new();
     let mut unique = HashSet::new();
     // The replay burst is at most a twentieth of the stream, so that a short
     // stream is not all replay (at 2 M messages and more it is REPLAY).
     let live = messages - REPLAY.min(messages / 20);
-    let push = |id: u64, pending: &mut Vec<Vec<[u8; 16]>>, batches: &mut Vec<_>| {
+    let push = |id: u64, pending: &mut Vec<Vec<u64>>, batches: &mut Vec<_>| {
         let p = (id % PARTITIONS as u64) as usize;
-        pending[p].push(key(id));
+        pending[p].push(id);
         if pending[p].len() == BATCH {
             batches.push((
                 p,
@@ -77,12 +90,17 @@ fn stream(messages: usize) -> (Vec<PollBatch>, usize) {
     for &id in tail.iter().take(messages - live) {
         push(id, &mut pending, &mut batches);
     }
-    for (p, keys) in pending.into_iter().enumerate() {
-        if !keys.is_empty() {
-            batches.push((p, keys));
+    for (p, ids) in pending.into_iter().enumerate() {
+        if !ids.is_empty() {
+            batches.push((p, ids));
         }
     }
-    (batches, unique.len())
+    let keyed = batches
+        .iter()
+        .map(|(p, ids)| (*p, ids.iter().map(|&id| key(id)).collect()))
+        .collect();
+    let ids = batches.into_iter().map(|(_, ids)| ids).collect();
+    (keyed, ids, unique.len())
 }
 
 struct Row {
@@ -94,6 +112,22 @@ struct Row {
     /// Per-message latencies in ns, sampled (batch rows: batch time / size).
     samples: Vec<u64>,
     rss_delta: i64,
+    /// Bytes of its files once closed (rows that keep files).
+    disk: Option<u64>,
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
 }
 
 fn rss_bytes() -> i64 {
@@ -129,6 +163,7 @@ fn measure(
         cpu: cpu_time().saturating_sub(cpu0),
         samples,
         rss_delta: rss_bytes() - rss0,
+        disk: None,
     }
 }
 
@@ -256,6 +291,7 @@ fn usage() -> String {
 pub const ROWS: &[&str] = &[
     "naive-rocksdb",
     "exactly-batch",
+    "exactly-sequence",
     "exactly-single",
     "rocksdb-writebatch",
     "bloom-rocksdb-writebatch",
@@ -304,7 +340,7 @@ pub fn run(args: Vec<String>) {
     }
     assert!(messages > 0, "--messages must be at least 1");
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
-    let (batches, unique) = stream(messages);
+    let (batches, ids, unique) = stream(messages);
     let messages = batches.iter().map(|(_, k)| k.len()).sum::<usize>();
     println!("stream: {messages} messages, {unique} distinct keys, {PARTITIONS} partitions, batches of {BATCH}");
     let mut rows: Vec<Row> = Vec::new();
@@ -344,6 +380,41 @@ pub fn run(args: Vec<String>) {
             samples.push(t.elapsed().as_nanos() as u64 / keys.len() as u64);
             new
         }));
+        store.close().expect("close");
+        rows.last_mut().expect("row").disk = Some(dir_bytes(dir.path()));
+    }
+    if wanted("exactly-sequence") {
+        // The same messages, each checked by its producer's number: a
+        // retry's pair of one producer's consecutive numbers arrives
+        // swapped every 20 messages.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, parts) = exactly_store(dir.path(), messages);
+        let producers: Vec<Vec<u8>> = (0..PRODUCERS)
+            .map(|s| format!("producer-{s}").into_bytes())
+            .collect();
+        let mut next = ids.iter();
+        rows.push(measure("exactly-sequence", &batches, |p, _, samples| {
+            let ids = next.next().expect("the batch's ids");
+            let t = Instant::now();
+            let mut order: Vec<u64> = ids.clone();
+            for i in (0..order.len().saturating_sub(PRODUCERS as usize)).step_by(20) {
+                order.swap(i, i + PRODUCERS as usize);
+            }
+            let mut batch = store.batch(&parts[p]).expect("batch");
+            let mut new = 0;
+            for id in order {
+                let (producer, seq) = numbered(id);
+                let source = &producers[producer as usize];
+                if batch.check_and_mark_sequence(source, 0, seq).expect("mark") == Verdict::New {
+                    new += 1;
+                }
+            }
+            batch.commit().expect("commit");
+            samples.push(t.elapsed().as_nanos() as u64 / ids.len() as u64);
+            new
+        }));
+        store.close().expect("close");
+        rows.last_mut().expect("row").disk = Some(dir_bytes(dir.path()));
     }
     if wanted("exactly-single") {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -466,7 +537,7 @@ pub fn run(args: Vec<String>) {
         .find(|r| r.name == "naive-rocksdb")
         .map(|r| r.wall.as_nanos() as f64 / r.messages as f64);
     println!(
-        "{:<24} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>11} {:>10}",
+        "{:<24} {:>10} {:>12} {:>10} {:>9} {:>9} {:>10} {:>10} {:>11} {:>10}",
         "row",
         "ns/msg",
         "msgs/s",
@@ -474,6 +545,7 @@ pub fn run(args: Vec<String>) {
         "p50 ns",
         "p99 ns",
         "rss MiB",
+        "disk MiB",
         "vs naive",
         "new keys"
     );
@@ -489,7 +561,7 @@ pub fn run(args: Vec<String>) {
         let (p50, p99) = (percentile(&r.samples, 0.5), percentile(&r.samples, 0.99));
         let ratio = baseline.map_or(f64::NAN, |b| b / ns);
         println!(
-            "{:<24} {:>10.0} {:>12.0} {:>10.0} {:>9} {:>9} {:>10.1} {:>10.2}x {:>10}",
+            "{:<24} {:>10.0} {:>12.0} {:>10.0} {:>9} {:>9} {:>10.1} {:>10} {:>10.2}x {:>10}",
             r.name,
             ns,
             1e9 / ns,
@@ -497,14 +569,19 @@ pub fn run(args: Vec<String>) {
             p50,
             p99,
             r.rss_delta as f64 / (1 << 20) as f64,
+            r.disk.map_or("-".into(), |d| format!(
+                "{:.1}",
+                d as f64 / (1 << 20) as f64
+            )),
             ratio,
             r.new
         );
         out.push_str(&format!(
-            "    {{\"row\": \"{}\", \"ns_per_msg\": {ns:.1}, \"msgs_per_s\": {:.0}, \"cpu_ns_per_msg\": {cpu:.1}, \"p50_ns\": {p50}, \"p99_ns\": {p99}, \"rss_delta_bytes\": {}, \"speedup_vs_naive_rocksdb\": {}, \"new_keys\": {}}}{}\n",
+            "    {{\"row\": \"{}\", \"ns_per_msg\": {ns:.1}, \"msgs_per_s\": {:.0}, \"cpu_ns_per_msg\": {cpu:.1}, \"p50_ns\": {p50}, \"p99_ns\": {p99}, \"rss_delta_bytes\": {}, \"disk_bytes\": {}, \"speedup_vs_naive_rocksdb\": {}, \"new_keys\": {}}}{}\n",
             r.name,
             1e9 / ns,
             r.rss_delta,
+            r.disk.map_or("null".into(), |d| d.to_string()),
             if ratio.is_finite() { format!("{ratio:.3}") } else { "null".into() },
             r.new,
             if i + 1 < count { "," } else { "" }
@@ -512,6 +589,22 @@ pub fn run(args: Vec<String>) {
     }
     for name in &skipped {
         println!("{name:<24} skipped: no redis-server on the PATH");
+    }
+    let row = |name: &str| rows.iter().find(|r| r.name == name);
+    if let (Some(k), Some(s)) = (row("exactly-batch"), row("exactly-sequence")) {
+        let per_million = |bytes: f64| bytes * 1e6 / messages as f64;
+        let ns = |r: &Row| r.wall.as_nanos() as f64 / r.messages as f64;
+        println!(
+            "sequence mode against key mode, per million messages: {:.0} against {:.0} ns/msg \
+             ({:.2}x), {:.0} against {:.0} bytes on disk, {:.0} against {:.0} bytes of memory (rss)",
+            ns(s),
+            ns(k),
+            ns(k) / ns(s),
+            per_million(s.disk.unwrap_or(0) as f64),
+            per_million(k.disk.unwrap_or(0) as f64),
+            per_million(s.rss_delta as f64),
+            per_million(k.rss_delta as f64),
+        );
     }
     out.push_str("  ],\n  \"skipped\": [");
     out.push_str(
