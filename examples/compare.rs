@@ -11,7 +11,8 @@
 //! The stream is Kafka-like: 8 partitions, 1% redeliveries drawn from the last
 //! 100 000 keys, then a rebalance replay burst of 100 000 already-processed
 //! messages (a twentieth of a stream shorter than 2 M). Keys are 16 bytes. Every row processes the same messages and must
-//! find the same number of new keys.
+//! find the same number of new keys; the sequence-mode row reads them as
+//! numbered by their producers.
 //!
 //! The harness itself lives in `src/bin/exactly/compare.rs`, so that
 //! `exactly bench` runs the same rows.
