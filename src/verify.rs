@@ -173,6 +173,19 @@ fn check_partition(
     }
     let clock_now = inspect::now(store);
     let partition_now = inspect::partition_now(store, &meta);
+    // Sequence sources: every state must decode (a damaged one makes
+    // `assign` fail).
+    match inspect::sources(store, partition, partition_now) {
+        Ok(sources) if sources.is_empty() => {}
+        Ok(sources) => report.push(
+            format!("{partition} sources"),
+            Ok(format!("{} live sequence sources decode", sources.len())),
+        ),
+        Err(e @ Error::Corruption(_)) => {
+            report.push(format!("{partition} sources"), Err(e.to_string()))
+        }
+        Err(e) => return Err(e),
+    }
     let options = store.engine().options();
     let mut rebuilt = ExpiringFilter::new(
         options.expected_keys_per_partition,
@@ -294,6 +307,29 @@ mod tests {
             .iter()
             .find(|f| f.check == check)
             .unwrap_or_else(|| panic!("no {check} in {report:?}"))
+    }
+
+    /// Sequence sources are checked: a damaged state fails the check.
+    #[test]
+    fn sequence_sources_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Partition::new("t", 0);
+        let store = Store::open(dir.path(), Options::default()).unwrap();
+        store.assign(&p).unwrap();
+        store.mark_sequence(&p, b"relay", 1, 5).unwrap();
+        store.revoke(&p).unwrap();
+        let report = verify(&store, &mut |_| {}).unwrap();
+        assert!(report.healthy(), "{report:?}");
+        let f = finding(&report, "t/0 sources");
+        assert!(f.detail.contains("1 live sequence sources"), "{f:?}");
+
+        let db = store.engine().db();
+        let cf = db.cf_handle(&p.cf_name()).unwrap();
+        db.put_cf(&cf, crate::layout::source_key(b"relay"), [3u8, 1, 2])
+            .unwrap();
+        let report = verify(&store, &mut |_| {}).unwrap();
+        assert!(!report.healthy(), "{report:?}");
+        assert!(!finding(&report, "t/0 sources").ok, "{report:?}");
     }
 
     /// The changelog metadata and the outbox are checked: what decodes is
