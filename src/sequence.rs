@@ -14,11 +14,10 @@
 //! its last few unacknowledged sends, and the window is sized above that),
 //! so it was either marked or given up by its producer.
 
+use crate::config::MAX_SEQUENCE_WINDOW;
 use crate::error::{Error, Result};
 use crate::verdict::Verdict;
 use crate::Partition;
-
-use crate::config::MAX_SEQUENCE_WINDOW;
 
 /// What a sequence number is, against a source's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
