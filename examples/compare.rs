@@ -20,6 +20,8 @@
 mod common;
 #[path = "../src/bin/exactly/compare.rs"]
 mod compare;
+#[path = "../src/bin/exactly/compare_redis.rs"]
+mod compare_redis;
 
 fn main() {
     compare::run(std::env::args().skip(1).collect());

@@ -15,6 +15,7 @@
 #[path = "../../../examples/common/mod.rs"]
 mod common;
 mod compare;
+mod compare_redis;
 mod maintain;
 mod out;
 mod read;
