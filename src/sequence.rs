@@ -51,6 +51,12 @@ impl Seen {
     }
 }
 
+/// The time a batch judges the states it staged at: they count for the
+/// rest of the batch whatever the clock does meanwhile, as its key marks do
+/// (a state's expiry is always after the time it was marked at, so after
+/// zero).
+pub(crate) const STAGED: u64 = 0;
+
 /// One source's sequence state in a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SourceState {

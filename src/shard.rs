@@ -162,9 +162,12 @@ impl Shard {
         sources.retain(|_, s| s.is_live(now));
     }
 
-    /// How many sources the partition remembers.
-    pub(crate) fn source_count(&self) -> usize {
-        self.sources.lock().len()
+    /// How many sources the partition remembers at partition time `now`:
+    /// the table drops expired ones on the way.
+    pub(crate) fn source_count(&self, now: u64) -> usize {
+        let mut sources = self.sources.lock();
+        sources.retain(|_, s| s.is_live(now));
+        sources.len()
     }
 
     /// The partition's epoch (0 if it was never assigned with one).
@@ -193,7 +196,8 @@ impl Shard {
 
     /// The shard's counters, with RocksDB's estimate of its keys; publishes
     /// them and the gauges to the `metrics` facade.
-    pub(crate) fn stats(&self, live_keys_estimate: u64) -> PartitionStats {
+    /// `now`: partition time, for the sources still remembered.
+    pub(crate) fn stats(&self, live_keys_estimate: u64, now: u64) -> PartitionStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         self.publish_metrics();
@@ -207,7 +211,7 @@ impl Shard {
             filter_bytes: self.filter.read().memory_bytes(),
             committed_offset: self.committed_offset(),
             filter_from_snapshot: self.from_snapshot,
-            sources: self.source_count() as u64,
+            sources: self.source_count(now) as u64,
         };
         self.metrics.set_gauges(
             stats.live_keys_estimate,

@@ -537,9 +537,10 @@ impl Store {
         let mut stats = Stats::default();
         for shard in shards {
             let estimate = self.engine.keys_estimate(&shard);
+            let now = shard.partition_now(self.engine.time_domain(), self.engine.now());
             stats
                 .partitions
-                .insert(shard.partition.clone(), shard.stats(estimate));
+                .insert(shard.partition.clone(), shard.stats(estimate, now));
         }
         stats
     }

@@ -666,30 +666,20 @@ fn compaction_drops_an_idle_source_and_keeps_a_live_one() {
     assert_eq!(check(&store, b"busy", 1, 20), Verdict::New);
 }
 
-// FAILS: `Store::compact` removes an idle source from disk (and
-// `expired_dropped` counts it), but `stats().partitions[p].sources` keeps
-// counting it. The shard's in-memory table of sources (src/shard.rs,
-// `Shard::sources`) is pruned only when a later commit writes some source
-// (`Shard::note_sources`, which retains the live ones) or on the next
-// assign (`Engine::sources` loads live ones only); neither time passing nor
-// compaction prunes it, and `PartitionStats::sources` is that table's
-// length. Reproduction (below): window 64, source_idle 60 s; mark SRC 1/10
-// at T0; advance the clock 60 s; `compact`: `expired_dropped` is 1 but
-// `sources` is still 1. Expected 0: the source is forgotten (its numbers
-// are new) and gone from disk.
-//
-// #[test]
-// fn compaction_of_an_idle_source_drops_it_from_the_stats() {
-//     let dir = tempfile::tempdir().unwrap();
-//     let clock = ManualClock::new(T0);
-//     let store = open(dir.path(), &clock, 64);
-//     assert_eq!(mark(&store, SRC, 1, 10), Verdict::New);
-//     assert_eq!(store.stats().partitions[&p0()].sources, 1);
-//     clock.advance(IDLE);
-//     store.compact(&p0()).unwrap();
-//     assert_eq!(store.stats().partitions[&p0()].expired_dropped, 1);
-//     assert_eq!(store.stats().partitions[&p0()].sources, 0);
-// }
+/// Compaction drops an idle source from disk, and the stats stop counting
+/// it: a forgotten source is not remembered.
+#[test]
+fn compaction_of_an_idle_source_drops_it_from_the_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let store = open(dir.path(), &clock, 64);
+    assert_eq!(mark(&store, SRC, 1, 10), Verdict::New);
+    assert_eq!(store.stats().partitions[&p0()].sources, 1);
+    clock.advance(IDLE);
+    store.compact(&p0()).unwrap();
+    assert_eq!(store.stats().partitions[&p0()].expired_dropped, 1);
+    assert_eq!(store.stats().partitions[&p0()].sources, 0);
+}
 
 #[test]
 fn a_clock_stepping_back_never_makes_an_acknowledged_live_number_new() {
@@ -1056,77 +1046,62 @@ fn numbers_of_one_source_in_one_batch_are_answered_exactly_in_any_order() {
     );
 }
 
-// FAILS: an acknowledged number of a live source is answered New. A batch
-// that stays open while the clock passes the idle expiry of the source state
-// it staged forgets its own marks: `Batch::seen` (src/batch/sequence.rs)
-// judges the staged state with `SourceState::seen`, and
-// `Batch::check_and_mark_sequence` marks it with `SourceState::mark`
-// (src/sequence.rs), both of which treat a state that is not
-// `is_live(now)` as absent: `mark` replaces it with `SourceState::first`.
-// Key marks do not do this: a key's staged entry counts for the rest of its
-// batch "even if the clock moved past its expiry meanwhile" (src/batch/mod.rs,
-// `Batch::current`). Reproduction (below): source_idle 1 ms; in one batch
-// mark 10 (New), advance the clock 1 ms, mark 8 (New: the staged state,
-// high 10, counts as expired and is replaced by one whose high is 8),
-// commit (Ok). The source is live (its expiry is T0 + 2, the store is at
-// T0 + 1) and 10 was acknowledged, yet `check_sequence(.., 10)` answers New
-// (10 is above the stored high, 8). Expected: Duplicate. Any source_idle
-// shorter than a batch stays open (a poll's handlers) shows it.
-//
-// #[test]
-// fn a_batch_open_past_the_idle_expiry_keeps_every_number_it_marked() {
-//     let dir = tempfile::tempdir().unwrap();
-//     let clock = ManualClock::new(T0);
-//     let store = Store::open(
-//         dir.path(),
-//         opts(&clock, 64).source_idle(Duration::from_millis(1)),
-//     )
-//     .unwrap();
-//     store.assign(&p0()).unwrap();
-//     let mut b = store.batch(&p0()).unwrap();
-//     assert_eq!(b.check_and_mark_sequence(SRC, 1, 10).unwrap(), Verdict::New);
-//     clock.advance(Duration::from_millis(1));
-//     assert_eq!(b.check_and_mark_sequence(SRC, 1, 8).unwrap(), Verdict::New);
-//     b.commit().unwrap();
-//     assert_eq!(check(&store, SRC, 1, 8), Verdict::Duplicate);
-//     assert_eq!(
-//         check(&store, SRC, 1, 10),
-//         Verdict::Duplicate,
-//         "acknowledged, live"
-//     );
-// }
+/// A batch that stays open while the clock passes the idle expiry of a
+/// source state it staged keeps every number it marked: its own marks count
+/// for the rest of the batch, as its key marks do, and an acknowledged
+/// number of a live source is a duplicate.
+#[test]
+fn a_batch_open_past_the_idle_expiry_keeps_every_number_it_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let store = Store::open(
+        dir.path(),
+        opts(&clock, 64).source_idle(Duration::from_millis(1)),
+    )
+    .unwrap();
+    store.assign(&p0()).unwrap();
+    let mut b = store.batch(&p0()).unwrap();
+    assert_eq!(b.check_and_mark_sequence(SRC, 1, 10).unwrap(), Verdict::New);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(b.check_and_mark_sequence(SRC, 1, 8).unwrap(), Verdict::New);
+    b.commit().unwrap();
+    assert_eq!(check(&store, SRC, 1, 8), Verdict::Duplicate);
+    assert_eq!(
+        check(&store, SRC, 1, 10),
+        Verdict::Duplicate,
+        "acknowledged, live"
+    );
+}
 
-// FAILS: the same cause, seen inside the batch: one number marked twice in
-// one batch is New twice when the clock passes the staged state's idle
-// expiry in between (a key marked twice in one batch is New, then
-// Duplicate, whatever the clock does). Reproduction (below): source_idle
-// 1 ms; in one batch mark 10 (New), 10 again (Duplicate), advance the clock
-// 1 ms, mark 10 again: New. Expected: Duplicate.
-//
-// #[test]
-// fn a_number_marked_twice_in_one_batch_is_new_once_whatever_the_clock_does() {
-//     let dir = tempfile::tempdir().unwrap();
-//     let clock = ManualClock::new(T0);
-//     let store = Store::open(
-//         dir.path(),
-//         opts(&clock, 64).source_idle(Duration::from_millis(1)),
-//     )
-//     .unwrap();
-//     store.assign(&p0()).unwrap();
-//     let mut b = store.batch(&p0()).unwrap();
-//     assert_eq!(b.check_and_mark_sequence(SRC, 1, 10).unwrap(), Verdict::New);
-//     assert_eq!(
-//         b.check_and_mark_sequence(SRC, 1, 10).unwrap(),
-//         Verdict::Duplicate
-//     );
-//     clock.advance(Duration::from_millis(1));
-//     assert_eq!(
-//         b.check_and_mark_sequence(SRC, 1, 10).unwrap(),
-//         Verdict::Duplicate
-//     );
-//     b.commit().unwrap();
-//     assert_eq!(check(&store, SRC, 1, 10), Verdict::Duplicate);
-// }
+/// One number marked twice in one batch is new once, whatever the clock
+/// does in between.
+#[test]
+fn a_number_marked_twice_in_one_batch_is_new_once_whatever_the_clock_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let store = Store::open(
+        dir.path(),
+        opts(&clock, 64).source_idle(Duration::from_millis(1)),
+    )
+    .unwrap();
+    store.assign(&p0()).unwrap();
+    let mut b = store.batch(&p0()).unwrap();
+    assert_eq!(b.check_and_mark_sequence(SRC, 1, 10).unwrap(), Verdict::New);
+    assert_eq!(
+        b.check_and_mark_sequence(SRC, 1, 10).unwrap(),
+        Verdict::Duplicate
+    );
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(
+        b.check_and_mark_sequence(SRC, 1, 10).unwrap(),
+        Verdict::Duplicate
+    );
+    b.commit().unwrap();
+    // Committed, the source idled out at T0 + 1 (its only new number came
+    // at T0; a duplicate does not refresh it), as a key marked at T0 would
+    // have expired: its numbers are new again.
+    assert_eq!(check(&store, SRC, 1, 10), Verdict::New);
+}
 
 // ---- 9. sources beside keys ----
 

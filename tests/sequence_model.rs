@@ -279,9 +279,10 @@ fn run(dir: &Path, ops: Vec<Op>) {
             }
         }
         let live = (0..SOURCES).filter(|&src| m.live(p, src).is_some()).count();
-        assert!(
-            s.stats().partitions[&part(p)].sources >= live as u64,
-            "partition {p}: fewer sources remembered than live"
+        assert_eq!(
+            s.stats().partitions[&part(p)].sources,
+            live as u64,
+            "partition {p}: sources remembered"
         );
     }
 }

@@ -2,7 +2,7 @@
 //! batch's other changes, in its one write.
 
 use crate::error::Result;
-use crate::sequence::SourceState;
+use crate::sequence::{SourceState, STAGED};
 use crate::shard::Counters;
 use crate::ttl::expiry;
 use crate::verdict::Verdict;
@@ -57,7 +57,7 @@ impl Batch<'_> {
         // The batch's own copy of the source's state, taken from the shard
         // once per batch and marked in place.
         match self.staged_sources.get_mut(source) {
-            Some(state) => state.mark(epoch, seq, now, expires_at, window),
+            Some(state) => state.mark(epoch, seq, STAGED, expires_at, window),
             None => {
                 let state = SourceState::marked(
                     self.shard.source(source).as_ref(),
@@ -93,7 +93,9 @@ impl Batch<'_> {
             Some(c) => c.merge(&state),
             None => state,
         };
-        if current.as_ref() != Some(&merged) {
+        // An expired state is none: staged, it would count for the rest of
+        // the batch.
+        if merged.is_live(now) && current.as_ref() != Some(&merged) {
             self.staged_sources.insert(source.to_vec(), merged);
         }
     }
@@ -102,7 +104,7 @@ impl Batch<'_> {
     /// marks first, then the shard's, without copying either.
     fn seen(&self, source: &[u8], epoch: u64, seq: u64, now: u64) -> Result<Verdict> {
         let seen = match self.staged_sources.get(source) {
-            Some(s) => SourceState::seen(Some(s), epoch, seq, now),
+            Some(s) => SourceState::seen(Some(s), epoch, seq, STAGED),
             None => self.shard.seen_source(source, epoch, seq, now),
         };
         seen.verdict(&self.shard.partition, source, epoch)
