@@ -15,14 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use exactly::kafka::rdkafka::config::ClientConfig;
-use exactly::kafka::rdkafka::consumer::BaseConsumer;
-use exactly::kafka::rdkafka::consumer::Consumer;
 use exactly::kafka::rdkafka::message::{Header, OwnedHeaders};
 use exactly::kafka::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use exactly::kafka::{
-    Changelog, DedupContext, GroupStore, IdempotentConsumer, KeySource, PollReport, SequenceHeaders,
-};
-use exactly::{Options, Store};
+use exactly::kafka::{KeySource, PollReport, SequenceHeaders};
+use exactly::Options;
 use kafka_support::*;
 
 const SOURCES: [&str; 2] = ["relay-a", "relay-b"];
@@ -117,28 +113,11 @@ impl Applied {
 }
 
 fn instance(servers: &str, dir: &Path, name: &str, changelog: bool) -> Instance {
-    let store = Arc::new(Store::open(dir, Options::default().sequence_window(8)).unwrap());
-    let group = GroupStore::new(store.clone());
-    let consumer: BaseConsumer<DedupContext> = consumer_config(servers)
-        .create_with_context(DedupContext::new(&group))
-        .unwrap();
-    consumer.subscribe(&[TOPIC]).unwrap();
     let keys = KeySource::sequence(
         SequenceHeaders::new("producer-id", "sequence").epoch("producer-epoch"),
     );
-    let mut consumer = IdempotentConsumer::new(consumer, keys);
-    if changelog {
-        let c = Changelog::new(
-            &client(servers),
-            GROUP,
-            name,
-            Duration::from_secs(8 * 24 * 3600),
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        consumer = consumer.changelog(c);
-    }
-    Instance { consumer, store }
+    let options = Options::default().sequence_window(8);
+    Instance::with(servers, dir, name, changelog, keys, options)
 }
 
 /// Runs `i` until its store reaches `ends`; returns what its poll batches

@@ -154,13 +154,33 @@ pub struct Instance {
 
 impl Instance {
     pub fn start(servers: &str, dir: &Path, name: &str, changelog: bool) -> Self {
-        let store = Arc::new(Store::open(dir, Options::default()).unwrap());
+        Self::with(
+            servers,
+            dir,
+            name,
+            changelog,
+            KeySource::header(HEADER),
+            Options::default(),
+        )
+    }
+
+    /// [`start`](Self::start) with the keys from `keys` and a store opened
+    /// with `options`.
+    pub fn with(
+        servers: &str,
+        dir: &Path,
+        name: &str,
+        changelog: bool,
+        keys: KeySource,
+        options: Options,
+    ) -> Self {
+        let store = Arc::new(Store::open(dir, options).unwrap());
         let group = GroupStore::new(store.clone());
         let consumer: BaseConsumer<DedupContext> = consumer_config(servers)
             .create_with_context(DedupContext::new(&group))
             .unwrap();
         consumer.subscribe(&[TOPIC]).unwrap();
-        let mut consumer = IdempotentConsumer::new(consumer, KeySource::header(HEADER));
+        let mut consumer = IdempotentConsumer::new(consumer, keys);
         if changelog {
             let c = Changelog::new(
                 &client(servers),
