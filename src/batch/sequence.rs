@@ -20,8 +20,9 @@ impl Batch<'_> {
     /// source ([`Options::source_idle`](crate::Options::source_idle)) is
     /// forgotten. `source` is validated like a key.
     ///
-    /// Errors: [`Error::SourceFenced`] for an epoch older than the source's;
-    /// [`Error::EmptyKey`], [`Error::KeyTooLong`] for a bad source.
+    /// Errors: [`Error::SourceFenced`](crate::Error::SourceFenced) for an
+    /// epoch older than the source's; [`Error::EmptyKey`](crate::Error::EmptyKey),
+    /// [`Error::KeyTooLong`](crate::Error::KeyTooLong) for a bad source.
     pub fn check_sequence(&self, source: &[u8], epoch: u64, seq: u64) -> Result<Verdict> {
         self.engine.validate_key(source)?;
         let now = self.partition_now();
