@@ -106,6 +106,19 @@ fn a_restore_waits_for_a_transaction_left_open_on_the_changelog() {
         !b.reached(&ends),
         "B processed the resends with the changelog's end held back"
     );
+    // A waiting restore holds no lock of its partition: a writer (a revoke,
+    // in the rebalance callback) gets it at once.
+    let assigned = b.store.assigned();
+    assert!(!assigned.is_empty(), "B was assigned nothing");
+    for p in &assigned {
+        let asked = Instant::now();
+        drop(b.store.batch(p).unwrap());
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{p}: the write lock took {:?}",
+            asked.elapsed()
+        );
+    }
 
     // The stray transaction ends; B's restore completes and the resends
     // are skipped as duplicates.

@@ -98,9 +98,11 @@ impl From<KafkaError> for RestoreError {
 /// transactions are skipped on a broker that filters them. The end is the
 /// log's end when the restore began, open transactions included: one left
 /// open by a killed or paused owner hides the records committed after it
-/// began, so the restore waits for it to end (committed, aborted by its
-/// owner's successor, or by the broker at its timeout) and fails the
-/// attempt at `timeout` without a record. One that does
+/// began, so the restore waits for it to end (committed, aborted when the
+/// instance that owned it starts again with its transactional id, or by the
+/// broker at the owner's transaction timeout) and fails the attempt at
+/// `timeout` without a record (the partition stays paused and the next
+/// poll tries again). While it waits it holds no lock of the partition. One that does
 /// not (the changelog then holds the records of aborted transactions too)
 /// cannot make the restore wrong: a mark reaches the changelog only after
 /// its side effect happened (in its own transaction, aborted or not), and
@@ -166,8 +168,9 @@ fn restore_logged(
     config
         .set("group.id", "exactly-restore")
         .set("enable.auto.commit", "false")
-        // The end of the partition as the broker sees it, markers of
-        // committed transactions included: the one reliable "caught up".
+        // Where a `read_committed` reader's end is (the last stable offset):
+        // compared with the high watermark to tell "caught up" from "held
+        // back by an open transaction".
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest");
@@ -230,35 +233,53 @@ fn restore_logged(
     };
     let mut bytes = 0u64;
     let mut position = start;
-    let mut batch = store.batch(partition)?;
+    // The store batch of the records read and not yet committed, opened at
+    // the first of them: the partition's write lock is held only while
+    // records are applied, never while the restore waits for the broker (a
+    // revoke, which takes that lock in the rebalance callback, would wait
+    // for the whole timeout).
+    let mut batch: Option<crate::Batch<'_>> = None;
     let mut in_batch = 0usize;
     let mut idle = Instant::now();
     // The end is the high watermark read above: a record past it was written
     // after this restore began, by an owner this instance has replaced.
     while position < high {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {
-                // A broker that keeps the changelog's end behind an open
-                // transaction (the previous owner's, until it commits or is
-                // aborted) delivers nothing past it, nor does a slow one:
-                // give up this attempt at the timeout.
-                if idle.elapsed() > timeout {
-                    // Not caught up: what is committed so far stays (the
-                    // next attempt resumes from it), but the partition is
-                    // not handed to the application with marks missing.
-                    end_chunk(&mut batch, position, restored.progress)?;
-                    batch.commit()?;
-                    warn!(
+        // A broker that keeps the changelog's end behind an open transaction
+        // (the previous owner's, until its instance restarts or the broker
+        // aborts it) delivers nothing past it, nor does a slow one: give up
+        // this attempt at the timeout, whatever the polls return meanwhile.
+        if idle.elapsed() > timeout {
+            // Not caught up: what is committed so far stays (the next
+            // attempt resumes from it), but the partition is not handed to
+            // the application with marks missing.
+            let mut b = match batch.take() {
+                Some(b) => b,
+                None => store.batch(partition)?,
+            };
+            end_chunk(&mut b, position, restored.progress)?;
+            b.commit()?;
+            warn!(
                         partition = %partition,
                         position,
                         end = high,
                         records = restored.records,
                         idle_ms = idle.elapsed().as_millis(),
                         "restore timed out waiting for the changelog (an open transaction of the previous owner, or a slow broker); the next attempt resumes at the position"
-                    );
-                    return Err(RestoreError::Kafka(KafkaError::MessageConsumption(
-                        RDKafkaErrorCode::OperationTimedOut,
-                    )));
+            );
+            return Err(RestoreError::Kafka(KafkaError::MessageConsumption(
+                RDKafkaErrorCode::OperationTimedOut,
+            )));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                // Nothing came for a poll: what was read so far is
+                // committed, and the write lock let go while the restore
+                // waits (a broker may hold an open transaction's end back
+                // without an end-of-partition event).
+                if let Some(mut b) = batch.take() {
+                    end_chunk(&mut b, position, restored.progress)?;
+                    b.commit()?;
+                    in_batch = 0;
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => {
@@ -273,6 +294,13 @@ fn restore_logged(
                 if position >= high {
                     debug!(partition = %partition, position, "restore reached the changelog's end");
                     break;
+                }
+                // Waiting: what was read so far is committed, and the write
+                // lock let go.
+                if let Some(mut b) = batch.take() {
+                    end_chunk(&mut b, position, restored.progress)?;
+                    b.commit()?;
+                    in_batch = 0;
                 }
                 debug!(
                     partition = %partition,
@@ -320,21 +348,32 @@ fn restore_logged(
                             }))
                         }
                     };
-                    batch.restore(key, m.payload(), release)?;
+                    let b = match &mut batch {
+                        Some(b) => b,
+                        None => batch.insert(store.batch(partition)?),
+                    };
+                    b.restore(key, m.payload(), release)?;
                 }
                 in_batch += 1;
                 if in_batch >= CHUNK {
-                    end_chunk(&mut batch, position, restored.progress)?;
-                    batch.commit()?;
+                    let mut b = match batch.take() {
+                        Some(b) => b,
+                        None => store.batch(partition)?,
+                    };
+                    end_chunk(&mut b, position, restored.progress)?;
+                    b.commit()?;
                     report(restored.records, bytes, position);
-                    batch = store.batch(partition)?;
                     in_batch = 0;
                 }
             }
         }
     }
-    end_chunk(&mut batch, position, restored.progress)?;
-    batch.commit()?;
+    let mut b = match batch.take() {
+        Some(b) => b,
+        None => store.batch(partition)?,
+    };
+    end_chunk(&mut b, position, restored.progress)?;
+    b.commit()?;
     report(restored.records, bytes, position);
     info!(
         partition = %partition,
