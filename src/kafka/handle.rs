@@ -99,8 +99,15 @@ impl IdempotentConsumer {
             Err(e) => return Err(e.into()),
         }
         run(p, m, Some(&id.key()), batch, handler)?;
+        // The side effect happened: the number is marked whatever else the
+        // handler did to the batch. Only a handler that moved this source to
+        // a newer epoch through the batch makes the mark fenced; then the
+        // number is not recorded, and a redelivery of it is fenced too.
+        match batch.mark_sequence(id.source, id.epoch, id.seq) {
+            Ok(()) | Err(Error::SourceFenced { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         report.processed += 1;
-        batch.mark_sequence(id.source, id.epoch, id.seq)?;
         Ok(())
     }
 
