@@ -116,6 +116,8 @@ struct Running {
     instance: &'static str,
     incarnation: String,
     child: Child,
+    /// Told to die at the end of a restore that reads something.
+    dies_in_restore: bool,
 }
 
 struct Scenario {
@@ -156,6 +158,7 @@ impl Scenario {
         let n = self.generations.entry(instance).or_default();
         let incarnation = format!("{instance}{n}");
         *n += 1;
+        let dies_in_restore = std::mem::take(&mut self.die_next);
         let spec = Spec {
             mode: self.mode,
             servers: self.servers.clone(),
@@ -163,7 +166,7 @@ impl Scenario {
             sinks: self.sinks.clone(),
             instance: instance.into(),
             incarnation: incarnation.clone(),
-            die_in_restore: std::mem::take(&mut self.die_next),
+            die_in_restore: dies_in_restore,
         };
         let stderr = File::create(self.sinks.join(format!("{incarnation}.stderr"))).unwrap();
         let child = Command::new(std::env::current_exe().unwrap())
@@ -177,6 +180,7 @@ impl Scenario {
             instance,
             incarnation,
             child,
+            dies_in_restore,
         });
     }
 
@@ -376,9 +380,19 @@ fn run(
                 resume = None;
             }
         }
-        if step >= pause_at && !paused && step % 3 != 2 && s.all_active(&before) {
+        // Never one told to die in a restore: it could end between the
+        // choice and the signal, and a zombie is one that comes back.
+        let pausable: Vec<usize> = (0..s.running.len())
+            .filter(|&i| !s.running[i].dies_in_restore)
+            .collect();
+        if step >= pause_at
+            && !paused
+            && step % 3 != 2
+            && !pausable.is_empty()
+            && s.all_active(&before)
+        {
             paused = true;
-            let i = rng.below(s.running.len() as u64) as usize;
+            let i = pausable[rng.below(pausable.len() as u64) as usize];
             let incarnation = s.running[i].incarnation.clone();
             s.fates.get_mut(&incarnation).unwrap().stopped_at = Some(now_micros());
             s.signal(&incarnation, "-STOP");
