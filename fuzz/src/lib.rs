@@ -1,6 +1,9 @@
 //! Helpers shared by the fuzz targets: copying a store directory and
 //! looking at its files.
 
+pub mod sequence_input;
+pub mod sequence_model;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
