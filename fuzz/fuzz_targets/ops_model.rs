@@ -34,7 +34,7 @@
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
@@ -42,7 +42,7 @@ use exactly::internals::outbox::{self, Pending};
 use exactly::{
     Clock, Durability, Error, ManualClock, Options, OutboxRecord, Partition, Store, Verdict,
 };
-use exactly_fuzz::copy_dir;
+use exactly_fuzz::{copy_dir, recorded_time, Dirs};
 use libfuzzer_sys::fuzz_target;
 
 const PARTITIONS: u8 = 2;
@@ -282,29 +282,6 @@ fn options(clock: &ManualClock, o: Opened) -> Options {
         })
         .max_key_len(MAX_KEY_LEN)
         .clock(clock.clone())
-}
-
-/// The store's time recorded in the ledger of the store in `dir` (0 if it
-/// has none yet): a restarted store's time starts there.
-fn recorded_time(dir: &Path) -> u64 {
-    let Ok(text) = std::fs::read_to_string(dir.join("EXACTLY-LEDGER")) else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("clock = "))
-        .map(|v| v.parse().expect("ledger clock"))
-        .expect("ledger has a clock")
-}
-
-struct Dirs {
-    root: tempfile::TempDir,
-    generation: usize,
-}
-
-impl Dirs {
-    fn current(&self) -> PathBuf {
-        self.root.path().join(format!("store-{}", self.generation))
-    }
 }
 
 fn open(path: &Path, clock: &ManualClock, o: Opened) -> Store {

@@ -48,13 +48,13 @@
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use exactly::{Clock, Durability, Error, ManualClock, Options, Store, Verdict};
-use exactly_fuzz::copy_dir;
 use exactly_fuzz::sequence_input::*;
 use exactly_fuzz::sequence_model::{Model, Seen};
+use exactly_fuzz::{copy_dir, recorded_time, Dirs};
 use libfuzzer_sys::fuzz_target;
 
 /// The error a bad source or key must give, if it is bad.
@@ -151,29 +151,6 @@ fn options(clock: &ManualClock, o: Opened) -> Options {
         opts = opts.source_idle(Duration::from_millis(idle));
     }
     opts
-}
-
-/// The store's time recorded in the ledger of the store in `dir` (0 if it
-/// has none yet): a restarted store's time starts there.
-fn recorded_time(dir: &Path) -> u64 {
-    let Ok(text) = std::fs::read_to_string(dir.join("EXACTLY-LEDGER")) else {
-        return 0;
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("clock = "))
-        .map(|v| v.parse().expect("ledger clock"))
-        .expect("ledger has a clock")
-}
-
-struct Dirs {
-    root: tempfile::TempDir,
-    generation: usize,
-}
-
-impl Dirs {
-    fn current(&self) -> PathBuf {
-        self.root.path().join(format!("store-{}", self.generation))
-    }
 }
 
 fn open(path: &Path, clock: &ManualClock, o: Opened) -> Store {

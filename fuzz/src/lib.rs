@@ -114,3 +114,31 @@ pub fn newest_wal<'a>(names: impl IntoIterator<Item = &'a String>) -> Option<&'a
         .max()
         .map(|(_, n)| n)
 }
+
+/// The store's time recorded in the ledger of the store in `dir` (0 if it
+/// has none yet): a restarted store's time starts there.
+pub fn recorded_time(dir: &Path) -> u64 {
+    let Ok(text) = fs::read_to_string(dir.join("EXACTLY-LEDGER")) else {
+        return 0;
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("clock = "))
+        .map(|v| v.parse().expect("ledger clock"))
+        .expect("ledger has a clock")
+}
+
+/// The store directories of one run: a crash opens a copy, the next
+/// generation.
+pub struct Dirs {
+    /// Where the generations live.
+    pub root: tempfile::TempDir,
+    /// The generation in use.
+    pub generation: usize,
+}
+
+impl Dirs {
+    /// The directory of the generation in use.
+    pub fn current(&self) -> std::path::PathBuf {
+        self.root.path().join(format!("store-{}", self.generation))
+    }
+}
