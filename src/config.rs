@@ -106,6 +106,9 @@ pub(crate) const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// bitmap per source.
 pub(crate) const MAX_SEQUENCE_WINDOW: u32 = 65_536;
 
+/// Bounds of [`Options::table_bytes`].
+pub(crate) const TABLE_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1..=(1 << 30);
+
 /// Options for [`crate::Store::open`].
 ///
 /// | option | default | fixed at creation? |
@@ -120,6 +123,9 @@ pub(crate) const MAX_SEQUENCE_WINDOW: u32 = 65_536;
 /// | [`ttl_refresh`](Self::ttl_refresh) | [`TtlRefresh::FirstSeen`] | no |
 /// | [`time_domain`](Self::time_domain) | [`TimeDomain::ProcessingTime`] | **yes** |
 /// | [`allowed_lateness`](Self::allowed_lateness) | 0 | no: applies to later commits; the watermark never goes back |
+/// | [`sequence_window`](Self::sequence_window) | 1024 | no |
+/// | [`source_idle`](Self::source_idle) | the TTL | no |
+/// | [`table_bytes`](Self::table_bytes) | 4 MiB | no |
 ///
 /// ```
 /// use std::time::Duration;
@@ -145,6 +151,7 @@ pub struct Options {
     pub(crate) allowed_lateness: Duration,
     pub(crate) sequence_window: u32,
     pub(crate) source_idle: Option<Duration>,
+    pub(crate) table_bytes: usize,
 }
 
 impl Default for Options {
@@ -162,6 +169,7 @@ impl Default for Options {
             allowed_lateness: Duration::ZERO,
             sequence_window: 1024,
             source_idle: None,
+            table_bytes: 4 << 20,
         }
     }
 }
@@ -184,6 +192,7 @@ impl fmt::Debug for Options {
             .field("allowed_lateness", &self.allowed_lateness)
             .field("sequence_window", &self.sequence_window)
             .field("source_idle", &self.source_idle)
+            .field("table_bytes", &self.table_bytes)
             .finish()
     }
 }
@@ -324,7 +333,28 @@ impl Options {
     }
 
     /// Checks every option's range. Called once by `Store::open`.
+    /// How many bytes of changes (marks, claims, removals) a partition
+    /// holds in its in-memory index before they are written to disk as one
+    /// sorted table, in the background. A batch's changes are logged as one
+    /// record of the write-ahead log and go to this index; the table is
+    /// ingested into RocksDB whole, so no key pays for a memtable insert
+    /// (`docs/design.md`, "The write path"). A larger value means fewer,
+    /// larger tables and more memory (about 80 bytes per key of 16 bytes,
+    /// twice that while a table is written) and a longer replay after a
+    /// crash. From 1 byte to 1 GiB. Default: 4 MiB.
+    #[must_use]
+    pub fn table_bytes(mut self, bytes: usize) -> Self {
+        self.table_bytes = bytes;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
+        if !TABLE_BYTES_RANGE.contains(&self.table_bytes) {
+            return Err(Error::InvalidOptions(format!(
+                "table_bytes must be between 1 and 1 GiB, got {}",
+                self.table_bytes
+            )));
+        }
         if self.ttl < Duration::from_millis(1) || self.ttl > MAX_TTL {
             return Err(Error::InvalidOptions(format!(
                 "ttl must be between 1 ms and 100 years, got {:?}",

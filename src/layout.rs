@@ -109,6 +109,11 @@ pub(crate) fn source_of(key: &[u8]) -> Option<&[u8]> {
     key.strip_prefix(SOURCE_PREFIX).filter(|s| !s.is_empty())
 }
 
+/// The prefix of the partition's journal records: `JOURNAL_PREFIX ++ seq:
+/// u64 BE`; the value (a batch's changes to marks and claims, not yet in a
+/// table) is described in `journal.rs`.
+pub(crate) const JOURNAL_PREFIX: &[u8] = b"\x00journal:";
+
 /// The key holding the id of the partition's valid filter snapshot (value:
 /// u64 BE); the snapshot files are described in `snapshot.rs`.
 pub(crate) const SNAPSHOT_KEY: &[u8] = b"\x00filter_snapshot";
@@ -139,6 +144,26 @@ pub(crate) enum Entry {
 }
 
 impl Entry {
+    /// Appends the encoded entry to `out` (9 or 25 bytes).
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
+        match *self {
+            Self::Done { expires_at } => {
+                out.push(TAG_DONE);
+                out.extend_from_slice(&expires_at.to_be_bytes());
+            }
+            Self::Claimed {
+                lease_until,
+                epoch,
+                token,
+            } => {
+                out.push(TAG_CLAIM);
+                out.extend_from_slice(&lease_until.to_be_bytes());
+                out.extend_from_slice(&epoch.to_be_bytes());
+                out.extend_from_slice(&token.to_be_bytes());
+            }
+        }
+    }
+
     pub(crate) fn encode(&self) -> Vec<u8> {
         match *self {
             Self::Done { expires_at } => {

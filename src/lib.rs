@@ -85,6 +85,7 @@ mod durable;
 mod engine;
 mod error;
 mod inspect;
+mod journal;
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
@@ -95,6 +96,7 @@ mod membership;
 mod outbox;
 mod outbox_probe;
 mod partition;
+mod pending;
 mod recovery;
 mod sequence;
 mod shard;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! exactly store
-//! format_version = 1
+//! format_version = 2
 //! key_mode = raw
 //! time_domain = processing
 //! ledger = required
@@ -21,8 +21,12 @@ use crate::error::{Error, Result};
 
 /// File name of the manifest inside the store directory.
 pub(crate) const MANIFEST_FILE: &str = "EXACTLY";
-/// The on-disk format this build writes and the newest it reads.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this build writes and the newest it reads. Version 2
+/// adds journal records (a batch's changes logged as one value until a
+/// table holds them, `src/journal.rs`): a build of version 1 would not see
+/// the marks they hold, so it must refuse such a store. Version 1 stores
+/// open, and are upgraded at their first open.
+pub(crate) const FORMAT_VERSION: u32 = 2;
 const HEADER: &str = "exactly store";
 
 /// What the manifest records.

@@ -143,8 +143,10 @@ pub(crate) fn check_before_open(
 /// Checks what RocksDB recovered against the ledger (naming the tail that
 /// [`check_before_open`] cut, if the check fails), then records the
 /// recovered state as durable (and upgrades the manifest of a store from
-/// before ledgers or claim graces: it requires a ledger from now on, and
-/// keeps `claim_grace_ms`, the grace in force until now).
+/// before ledgers, claim graces or journal records: it requires a ledger
+/// from now on, keeps `claim_grace_ms`, the grace in force until now, and
+/// takes the current format version, which builds that do not know journal
+/// records refuse).
 pub(crate) fn check_after_open(
     path: &Path,
     manifest: &Manifest,
@@ -169,12 +171,19 @@ pub(crate) fn check_after_open(
     if next != ledger || !manifest.ledger_required {
         next.write(path)?;
     }
-    if !manifest.ledger_required || manifest.claim_grace_ms.is_none() {
+    if !manifest.ledger_required
+        || manifest.claim_grace_ms.is_none()
+        || manifest.format_version < FORMAT_VERSION
+    {
         info!(
             ledger_added = !manifest.ledger_required,
-            claim_grace_ms, "manifest upgraded: a ledger is required and the claim grace recorded"
+            claim_grace_ms,
+            from_format = manifest.format_version,
+            format = FORMAT_VERSION,
+            "manifest upgraded: a ledger is required, the claim grace recorded, the format the current one"
         );
         Manifest {
+            format_version: FORMAT_VERSION,
             ledger_required: true,
             claim_grace_ms: Some(claim_grace_ms),
             ..*manifest
@@ -211,6 +220,19 @@ pub(crate) fn db_options() -> rocksdb::Options {
     o
 }
 
+/// How a partition's table files are built: LZ4 blocks and a whole-key
+/// Bloom filter per file. Shared by the column families and the tables
+/// the store writes itself (`src/engine/tables.rs`), so both read alike.
+pub(crate) fn table_file_options() -> rocksdb::Options {
+    let mut o = rocksdb::Options::default();
+    o.set_compression_type(DBCompressionType::Lz4);
+    let mut table = BlockBasedOptions::default();
+    table.set_bloom_filter(10.0, false);
+    table.set_whole_key_filtering(true);
+    o.set_block_based_table_factory(&table);
+    o
+}
+
 pub(crate) fn partition_cf_options(
     time: Arc<TimeKeeper>,
     options: &Options,
@@ -218,8 +240,7 @@ pub(crate) fn partition_cf_options(
     shared: Arc<CfShared>,
     cf_name: &str,
 ) -> rocksdb::Options {
-    let mut o = rocksdb::Options::default();
-    o.set_compression_type(DBCompressionType::Lz4);
+    let mut o = table_file_options();
     // Small memtables: a mark is a random key, and the skiplist insert is most
     // of a batch's cost; its depth grows with the memtable. Measured with the
     // comparison harness (2 M messages): 64 MiB ~2 000 ns/msg, 4 MiB ~1 400.
@@ -233,10 +254,6 @@ pub(crate) fn partition_cf_options(
     // still dropped: universal compaction merges every sorted run once the
     // size amplification passes its bound, and `compact` is a full merge.
     o.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
-    let mut table = BlockBasedOptions::default();
-    table.set_bloom_filter(10.0, false);
-    table.set_whole_key_filtering(true);
-    o.set_block_based_table_factory(&table);
     install_compaction_filter(
         &mut o,
         time,

@@ -11,6 +11,7 @@ use crate::bloom::ExpiringFilter;
 use crate::config::TimeDomain;
 use crate::error::{Error, Result};
 use crate::layout::Entry;
+use crate::pending::Pending;
 use crate::sequence::{Seen, SourceState};
 pub(crate) use crate::stats::Counters;
 use crate::stats::{PartitionStats, ShardMetrics};
@@ -51,6 +52,8 @@ pub(crate) struct ShardInit {
     pub(crate) changelog: Option<i64>,
     /// Sequence sources on disk, by source.
     pub(crate) sources: HashMap<Vec<u8>, SourceState>,
+    /// The sequence number of the next journal record.
+    pub(crate) journal_next: u64,
 }
 
 /// An assigned partition.
@@ -86,6 +89,16 @@ pub(crate) struct Shard {
     /// live source, so few), read on assign, so a sequence check never
     /// reads the disk. Changed after a write, under the write lock.
     sources: Mutex<HashMap<Vec<u8>, SourceState>>,
+    /// Changes logged in journal records and not yet in a table: checked
+    /// after the filter, before RocksDB. Added to after a write, under the
+    /// write lock; frozen and thawed by flushes, under the flush lock.
+    pub(crate) pending: RwLock<Pending>,
+    /// Held while a table of the partition's changes is written: one flush
+    /// at a time, and a revoke waits for the one under way.
+    flush: Mutex<()>,
+    /// Whether the background flusher was asked to flush this shard and
+    /// has not started yet.
+    pub(crate) flush_requested: AtomicBool,
 }
 
 impl Shard {
@@ -116,8 +129,17 @@ impl Shard {
             outbox_next: AtomicU64::new(init.outbox_next),
             changelog: AtomicI64::new(init.changelog.unwrap_or(NO_OFFSET)),
             sources: Mutex::new(init.sources),
+            pending: RwLock::new(Pending::new(init.journal_next)),
+            flush: Mutex::new(()),
+            flush_requested: AtomicBool::new(false),
             partition,
         }
+    }
+
+    /// The flush lock (see the field); taken after the write lock, never
+    /// before it.
+    pub(crate) fn flush_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.flush.lock()
     }
 
     /// Whether the next commit must delete the snapshot id (see `snapshot`).

@@ -215,6 +215,17 @@ impl Store {
         let mut writer = shard.lock_writer()?;
         writer.revoked = true;
         shard.revoked_metrics();
+        // The changes in memory go to a table now, so that the partition's
+        // column family holds all of it while it is not assigned. If that
+        // fails their journal records are still on disk, and the next
+        // reader of the partition writes them (`Engine::settle`).
+        if let Err(e) = self.engine.flush_all(shard) {
+            tracing::error!(
+                partition = %shard.partition,
+                error = %e,
+                "writing the partition's changes as a table on revoke failed; the next assign writes them"
+            );
+        }
         self.engine.save_snapshot(shard);
         info!(
             partition = %shard.partition,
@@ -579,6 +590,9 @@ impl Store {
         if self.shards.read().contains_key(partition) {
             return Err(Error::Assigned(partition.clone()));
         }
+        // Journal records a stop left go to a table first: the tools read
+        // and write the column family alone.
+        self.engine.settle(partition)?;
         Ok((&self.engine, membership))
     }
 

@@ -133,7 +133,7 @@ fn stats_and_inspect_match_the_store() {
     build(dir.path());
     let d = path_str(dir.path());
     let v = json(&["stats", d, "--exact"]);
-    assert_eq!(v["store"]["format_version"], 1);
+    assert_eq!(v["store"]["format_version"], 2);
     assert_eq!(v["store"]["key_mode"], "raw");
     let parts = v["partitions"].as_array().unwrap();
     assert_eq!(parts.len(), 2);

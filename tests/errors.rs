@@ -198,7 +198,7 @@ fn missing_rocksdb_current_with_data_is_corruption() {
 #[test]
 fn a_newer_format_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let body = "exactly store\nformat_version = 2\nkey_mode = raw\n";
+    let body = "exactly store\nformat_version = 3\nkey_mode = raw\n";
     let sum = xxhash_rust::xxh3::xxh3_64(body.as_bytes());
     fs::write(
         dir.path().join("EXACTLY"),
@@ -208,8 +208,8 @@ fn a_newer_format_version_is_refused() {
     assert!(matches!(
         Store::open(dir.path(), Options::default()),
         Err(Error::UnsupportedFormat {
-            found: 2,
-            supported: 1
+            found: 3,
+            supported: 2
         })
     ));
 }

@@ -115,7 +115,7 @@ impl Batch<'_> {
         };
         let current = match self.staged.get(key) {
             Some(staged) => staged.entry,
-            None => self.engine.read_entry(&self.cf, key)?,
+            None => self.engine.read_mark(&self.shard, &self.cf, key)?,
         };
         let entry = match (current, entry) {
             (Some(Entry::Done { expires_at: c }), Some(Entry::Done { expires_at: e })) => {

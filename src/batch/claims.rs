@@ -152,7 +152,9 @@ impl Batch<'_> {
         }
         let entry = match self.staged.get(&token.stored_key) {
             Some(staged) => staged.entry,
-            None => self.engine.read_entry(&self.cf, &token.stored_key)?,
+            None => self
+                .engine
+                .read_mark(&self.shard, &self.cf, &token.stored_key)?,
         };
         let grace_ms = self.engine.claim_grace_millis();
         match entry {

@@ -17,6 +17,10 @@ use crate::layout::{
 };
 use crate::outbox::{outbox_key, Change, OutboxEntry};
 
+/// A commit's RocksDB write, the outbox entry it holds, and its journal
+/// record (sequence number, bytes of changes), if it has changes.
+type Encoded = (WriteBatch, Option<Published>, Option<(u64, usize)>);
+
 /// What validation worked out for a commit.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -36,19 +40,32 @@ impl Batch<'_> {
     /// [`commit`](Self::commit), returning the outbox entry the write left
     /// (a batch that records its changes, see
     /// [`record_changes`](Self::record_changes)).
-    pub(crate) fn commit_published(self) -> Result<Option<Published>> {
+    pub(crate) fn commit_published(mut self) -> Result<Option<Published>> {
         let started = Instant::now();
         // Validation first, before anything is built; all of it under the
         // write lock, so the epoch and offset cannot change until this
         // returns.
         let plan = self.validate()?;
-        let Some((write, published)) = self.encode(&plan) else {
+        self.engine.before_commit(&self.shard)?;
+        let Some((write, published, journal)) = self.encode(&plan) else {
             // A batch of duplicates writes nothing: its checks still count.
             self.shard.publish_metrics();
             return Ok(None);
         };
         self.write(write)?;
         self.publish(&plan, published.as_ref().map(|(seq, _)| *seq));
+        if let Some((seq, bytes)) = journal {
+            // The changes go to the in-memory index after the write, still
+            // under the write lock: a reader sees them once they are on
+            // disk, and the next batch sees them before it checks.
+            let staged = std::mem::take(&mut self.staged);
+            self.shard.pending.write().apply(
+                seq,
+                bytes,
+                staged.into_iter().map(|(k, staged)| (k, staged.entry)),
+            );
+            self.engine.after_commit(&self.shard);
+        }
         // The metrics once per commit, never per key: publishing the
         // counters and timing the commit cost a few atomics and two clock
         // reads (docs/performance.md, "Metrics compiled in").
@@ -110,21 +127,30 @@ impl Batch<'_> {
         Ok(Plan { event_time })
     }
 
-    /// The RocksDB write of the batch and the outbox entry it holds, or
-    /// `None` if it changes nothing.
-    fn encode(&self, plan: &Plan) -> Option<(WriteBatch, Option<Published>)> {
+    /// The RocksDB write of the batch, the outbox entry it holds and its
+    /// journal record (sequence number, bytes of changes), or `None` if it
+    /// changes nothing.
+    fn encode(&self, plan: &Plan) -> Option<Encoded> {
         let shard = &self.shard;
         let mut write = WriteBatch::default();
-        // Sorted, so that RocksDB's memtable inserts walk forward instead of
-        // searching from the top for every key.
-        let mut keys: Vec<(&Vec<u8>, &Staged)> = self.staged.iter().collect();
-        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (k, staged) in &keys {
-            match staged.entry {
-                Some(e) => write.put_cf(&self.cf, k, e.encode()),
-                None => write.delete_cf(&self.cf, k),
-            }
-        }
+        // The batch's changes to marks and claims are one journal record,
+        // one value in the write-ahead log and the memtable, instead of a
+        // memtable insert per key (docs/design.md, "The write path").
+        let journal = (!self.staged.is_empty()).then(|| {
+            let bytes = self
+                .staged
+                .iter()
+                .map(|(k, s)| crate::journal::change_bytes(k, s.entry))
+                .sum();
+            let seq = shard.pending.read().next_seq();
+            let record = crate::journal::encode(
+                self.staged.len(),
+                self.staged.iter().map(|(k, s)| (k.as_slice(), s.entry)),
+                bytes,
+            );
+            write.put_cf(&self.cf, crate::journal::journal_key(seq), record);
+            (seq, bytes)
+        });
         for (source, state) in &self.staged_sources {
             write.put_cf(&self.cf, source_key(source), state.encode());
         }
@@ -144,6 +170,8 @@ impl Batch<'_> {
         // publishes: the store never knows something the changelog cannot
         // get. An entry with no change still carries the offset.
         let published = self.outbox.as_ref().and_then(|(start, records)| {
+            let mut keys: Vec<(&Vec<u8>, &Staged)> = self.staged.iter().collect();
+            keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
             if keys.is_empty()
                 && self.staged_sources.is_empty()
                 && records.is_empty()
@@ -194,7 +222,7 @@ impl Batch<'_> {
             // From now on the saved filter is out of date.
             write.delete_cf(&self.cf, SNAPSHOT_KEY);
         }
-        Some((write, published))
+        Some((write, published, journal))
     }
 
     /// Writes the batch. New marks go into the filter before the write: a

@@ -34,9 +34,13 @@ use crate::recovery::{
 use crate::shard::{Counters, Shard};
 use crate::ttl::CfShared;
 use crate::Partition;
+use flusher::Flusher;
+use tables::Tables;
 
 mod durability;
+mod flusher;
 mod partition;
+mod tables;
 
 pub(crate) type Db = DBWithThreadMode<MultiThreaded>;
 
@@ -50,9 +54,14 @@ pub(crate) struct ValidKey<'k>(&'k [u8]);
 
 /// The store's RocksDB and what goes with it; see the module documentation.
 pub(crate) struct Engine {
-    db: Db,
-    /// The directory lock; declared after `db` so it is released after
-    /// RocksDB has closed.
+    db: Arc<Db>,
+    /// Writes partitions' changes as tables; holds `db` too.
+    tables: Arc<Tables>,
+    /// The background thread that runs `tables`' flushes; stopped first
+    /// when the engine drops, so that `db` closes here.
+    flusher: Flusher,
+    /// The directory lock; declared after `db` and `tables` so it is
+    /// released after RocksDB has closed.
     _lock: fs::File,
     /// What was last recorded as durable; see [`crate::ledger`].
     ledger: Mutex<Ledger>,
@@ -119,8 +128,10 @@ impl Engine {
             cf_shared.insert(name.clone(), shared);
             descriptors.push(ColumnFamilyDescriptor::new(name, cf_options));
         }
-        let db = Db::open_cf_descriptors(&db_options, &path, descriptors)
-            .map_err(|e| Error::storage(e, &path))?;
+        let db = Arc::new(
+            Db::open_cf_descriptors(&db_options, &path, descriptors)
+                .map_err(|e| Error::storage(e, &path))?,
+        );
         let ledger = check_after_open(
             &path,
             &manifest,
@@ -150,6 +161,12 @@ impl Engine {
 
         let mut write_options = WriteOptions::default();
         write_options.set_sync(options.durability == Durability::Sync);
+        let tables = Arc::new(Tables::new(
+            db.clone(),
+            path.clone(),
+            options.durability == Durability::Sync,
+        )?);
+        let flusher = Flusher::start(tables.clone()).map_err(|e| Error::io(&path, e))?;
         info!(
             created = !has_current,
             partitions = cf_shared.len(),
@@ -164,6 +181,8 @@ impl Engine {
         );
         Ok(Self {
             db,
+            tables,
+            flusher,
             _lock: lock,
             ledger: Mutex::new(ledger),
             path,
@@ -285,9 +304,11 @@ impl Engine {
             Counters::bump(&shard.counters.bloom_negatives);
             return Ok(None);
         }
-        let stored = match cf {
-            Some(cf) => self.read_entry(cf, k)?,
-            None => self.read_entry(&self.cf(shard)?, k)?,
+        let pending = shard.pending.read().get(k);
+        let stored = match (pending, cf) {
+            (Some(changed), _) => changed,
+            (None, Some(cf)) => self.read_entry(cf, k)?,
+            (None, None) => self.read_entry(&self.cf(shard)?, k)?,
         };
         match stored {
             Some(e) if e.is_live(partition_now, clock_now) => Ok(Some(e)),
@@ -314,6 +335,62 @@ impl Engine {
             .transpose()
     }
 
+    /// The entry of `k` in an assigned partition, live or not: its newest
+    /// change in memory, else what `cf` holds.
+    pub(crate) fn read_mark(&self, shard: &Shard, cf: &Cf<'_>, k: &[u8]) -> Result<Option<Entry>> {
+        match shard.pending.read().get(k) {
+            Some(changed) => Ok(changed),
+            None => self.read_entry(cf, k),
+        }
+    }
+
+    // ---- tables ----
+
+    /// Before a commit of `shard` (write lock held): if the flusher is a
+    /// whole table behind, writes the table here, so memory stays bounded
+    /// by two tables' worth of changes. Nothing of the commit is written
+    /// yet, so an error leaves it unapplied.
+    pub(crate) fn before_commit(&self, shard: &Shard) -> Result<()> {
+        let behind = {
+            let pending = shard.pending.read();
+            pending.is_frozen() && pending.live_bytes() >= self.options.table_bytes
+        };
+        if behind {
+            // Waits for the flush under way, then writes the live changes.
+            while self.tables.flush(shard)? {
+                if shard.pending.read().live_bytes() < self.options.table_bytes {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a commit of `shard` added its changes: asks the flusher to
+    /// write them as a table once they reach `table_bytes`.
+    pub(crate) fn after_commit(&self, shard: &Arc<Shard>) {
+        if shard.pending.read().live_bytes() >= self.options.table_bytes {
+            self.flusher.request(shard);
+        }
+    }
+
+    /// Writes every change `shard` holds in memory as tables (revoke,
+    /// compact).
+    pub(crate) fn flush_all(&self, shard: &Shard) -> Result<()> {
+        self.tables.flush_all(shard)
+    }
+
+    /// Writes the journal records left on disk in the column family of a
+    /// partition that has no shard as a table (call under membership).
+    /// Returns the sequence number of the partition's next record.
+    pub(crate) fn settle(&self, partition: &Partition) -> Result<u64> {
+        let name = partition.cf_name();
+        match self.db.cf_handle(&name) {
+            Some(cf) => self.tables.settle(&cf, &name),
+            None => Ok(0),
+        }
+    }
+
     /// The stored entry of `k`, live or not.
     pub(crate) fn read_entry(&self, cf: &Cf<'_>, k: &[u8]) -> Result<Option<Entry>> {
         match self.db.get_pinned_cf(cf, k).map_err(|e| self.storage(e))? {
@@ -331,6 +408,15 @@ impl Engine {
 
     fn storage(&self, e: rocksdb::Error) -> Error {
         Error::storage(e, &self.path)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The flusher holds the database too: it ends first, so that
+        // RocksDB closes when the engine's fields drop, before the directory
+        // lock is released.
+        self.flusher.stop();
     }
 }
 

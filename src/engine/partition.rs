@@ -67,6 +67,9 @@ impl Engine {
             .cloned()
             .unwrap_or_default();
         let cf = self.cf_by_name(&name, partition)?;
+        // Journal records a stop left go to a table before anything is
+        // read: the filter rebuild and the claim table scan the marks.
+        let journal_next = self.tables.settle(&cf, &name)?;
         let read_u64 = |key: &[u8], what: &str| -> Result<Option<u64>> {
             self.db
                 .get_pinned_cf(&cf, key)
@@ -170,6 +173,7 @@ impl Engine {
             outbox_next,
             changelog,
             sources: self.sources(&cf, partition_now)?,
+            journal_next,
         };
         Ok((name, shared, init))
     }
@@ -350,7 +354,8 @@ impl Engine {
 
     /// RocksDB's estimate of the keys in the shard's column family.
     pub(crate) fn keys_estimate(&self, shard: &Shard) -> u64 {
-        self.db
+        let on_disk = self
+            .db
             .cf_handle(&shard.cf_name)
             .and_then(|cf| {
                 self.db
@@ -358,7 +363,8 @@ impl Engine {
                     .ok()
                     .flatten()
             })
-            .unwrap_or(0)
+            .unwrap_or(0);
+        on_disk.saturating_add(shard.pending.read().len() as u64)
     }
 
     /// Runs a full compaction of the shard's column family now.
@@ -366,6 +372,8 @@ impl Engine {
         let started = Instant::now();
         let dropped_before = shard.cf_shared.dropped.load(Ordering::Relaxed);
         let cf = self.cf(shard)?;
+        // The changes in memory are compacted with the rest.
+        self.flush_all(shard)?;
         // Expiry is judged at the time the ledger records: record now first.
         self.record_time()?;
         self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;

@@ -544,6 +544,20 @@ pub fn run(args: Vec<String>) {
             per_million(k.state.unwrap_or(0) as f64),
         );
     }
+    if let (Some(k), Some(o)) = (row("exactly-batch"), row("bloom-rocksdb-writebatch")) {
+        let ns = |r: &Row| r.wall.as_nanos() as f64 / r.messages as f64;
+        let cpu = |r: &Row| r.cpu.as_nanos() as f64 / r.messages as f64;
+        println!(
+            "exactly's batch path against the obvious design (Bloom + RocksDB WriteBatch): \
+             {:.0} against {:.0} ns/msg ({:.2}x), {:.0} against {:.0} CPU ns/msg ({:.2}x)",
+            ns(k),
+            ns(o),
+            ns(o) / ns(k),
+            cpu(k),
+            cpu(o),
+            cpu(o) / cpu(k),
+        );
+    }
     out.push_str("  ],\n  \"skipped\": [");
     out.push_str(
         &skipped

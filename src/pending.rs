@@ -1,0 +1,152 @@
+//! A partition's changes that are logged in journal records but not yet in
+//! a table: an exact in-memory index, checked after the Bloom front and
+//! before RocksDB (`docs/design.md`, "The write path").
+//!
+//! Commits add their changes to the `live` set, under the partition's write
+//! lock and after their write. A flush freezes the live set (readers go on
+//! seeing it), writes it as a table, ingests the table and only then drops
+//! the frozen set, so every change is always in memory, on disk, or both.
+//! A lookup asks the live set, then the frozen one: the newest change of a
+//! key wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::layout::Entry;
+
+/// Changes by stored key: the entry after them, or `None` for a removal.
+pub(crate) type Changes = HashMap<Vec<u8>, Option<Entry>, foldhash::fast::RandomState>;
+
+/// Changes being written as a table, and the journal records they came from.
+#[derive(Debug, Clone)]
+pub(crate) struct Frozen {
+    pub(crate) changes: Arc<Changes>,
+    /// The journal records `[from, to)` whose changes these are.
+    pub(crate) from: u64,
+    pub(crate) to: u64,
+}
+
+/// One partition's index; see the module documentation.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    live: Changes,
+    /// Journal bytes of the live changes (an upper bound: a key changed
+    /// twice counts twice).
+    live_bytes: usize,
+    /// The first journal record whose changes are in `live`.
+    live_from: u64,
+    /// The next journal record's sequence number.
+    next: u64,
+    frozen: Option<Frozen>,
+}
+
+impl Pending {
+    /// An empty index whose next journal record is `next`.
+    pub(crate) fn new(next: u64) -> Self {
+        Self {
+            live: Changes::default(),
+            live_bytes: 0,
+            live_from: next,
+            next,
+            frozen: None,
+        }
+    }
+
+    /// The newest change of `key`, if it has one here: `Some(None)` is a
+    /// removal, which hides whatever the disk holds.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Option<Entry>> {
+        if let Some(e) = self.live.get(key) {
+            return Some(*e);
+        }
+        self.frozen.as_ref()?.changes.get(key).copied()
+    }
+
+    /// The sequence number the next journal record takes.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next
+    }
+
+    /// Adds the changes of journal record `seq`, which a commit just wrote.
+    pub(crate) fn apply(
+        &mut self,
+        seq: u64,
+        bytes: usize,
+        changes: impl IntoIterator<Item = (Vec<u8>, Option<Entry>)>,
+    ) {
+        debug_assert_eq!(seq, self.next, "journal records are applied in order");
+        self.live.extend(changes);
+        self.live_bytes += bytes;
+        self.next = seq + 1;
+    }
+
+    /// Journal bytes held by the live set.
+    pub(crate) fn live_bytes(&self) -> usize {
+        self.live_bytes
+    }
+
+    /// Changes held (live and frozen; a key in both counts twice).
+    pub(crate) fn len(&self) -> usize {
+        self.live.len() + self.frozen.as_ref().map_or(0, |f| f.changes.len())
+    }
+
+    pub(crate) fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// The frozen set, freezing the live one first if none is frozen.
+    /// `None` if there is nothing to write.
+    pub(crate) fn freeze(&mut self) -> Option<Frozen> {
+        if self.frozen.is_none() {
+            if self.live.is_empty() {
+                return None;
+            }
+            let changes = std::mem::take(&mut self.live);
+            self.frozen = Some(Frozen {
+                changes: Arc::new(changes),
+                from: self.live_from,
+                to: self.next,
+            });
+            self.live_from = self.next;
+            self.live_bytes = 0;
+        }
+        self.frozen.clone()
+    }
+
+    /// Drops the frozen set once its table is ingested and its records
+    /// deleted.
+    pub(crate) fn thaw(&mut self) {
+        self.frozen = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(t: u64) -> Option<Entry> {
+        Some(Entry::Done { expires_at: t })
+    }
+
+    #[test]
+    fn the_newest_change_wins_and_a_removal_hides_the_disk() {
+        let mut p = Pending::new(5);
+        assert_eq!(p.get(b"a"), None);
+        p.apply(5, 10, [(b"a".to_vec(), done(1)), (b"b".to_vec(), done(2))]);
+        let frozen = p.freeze().unwrap();
+        assert_eq!((frozen.from, frozen.to), (5, 6));
+        assert_eq!(p.live_bytes(), 0);
+        p.apply(6, 10, [(b"a".to_vec(), None)]);
+        assert_eq!(p.get(b"a"), Some(None), "live over frozen");
+        assert_eq!(p.get(b"b"), Some(done(2)), "frozen still answers");
+        // A second freeze while one is frozen returns the same set.
+        let again = p.freeze().unwrap();
+        assert_eq!((again.from, again.to), (5, 6));
+        p.thaw();
+        assert_eq!(p.get(b"b"), None);
+        let next = p.freeze().unwrap();
+        assert_eq!((next.from, next.to), (6, 7));
+        assert_eq!(p.next_seq(), 7);
+        p.thaw();
+        assert!(p.freeze().is_none(), "nothing left to write");
+    }
+}
