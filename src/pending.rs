@@ -100,7 +100,14 @@ impl Pending {
             if self.live.is_empty() {
                 return None;
             }
-            let changes = std::mem::take(&mut self.live);
+            // The next live set starts with room for as many changes as
+            // this one took: growing a map of 100 000 keys by doubling was
+            // a third of a commit's time (profile of `compare`).
+            let room = Changes::with_capacity_and_hasher(
+                self.live.len(),
+                foldhash::fast::RandomState::default(),
+            );
+            let changes = std::mem::replace(&mut self.live, room);
             self.frozen = Some(Frozen {
                 changes: Arc::new(changes),
                 from: self.live_from,

@@ -99,6 +99,9 @@ pub(crate) struct Shard {
     /// Whether the background flusher was asked to flush this shard and
     /// has not started yet.
     pub(crate) flush_requested: AtomicBool,
+    /// How many changes the last committed batch staged: the next batch's
+    /// map starts that large.
+    staged_hint: AtomicUsize,
 }
 
 impl Shard {
@@ -132,8 +135,18 @@ impl Shard {
             pending: RwLock::new(Pending::new(init.journal_next)),
             flush: Mutex::new(()),
             flush_requested: AtomicBool::new(false),
+            staged_hint: AtomicUsize::new(0),
             partition,
         }
+    }
+
+    /// How many changes the last committed batch staged.
+    pub(crate) fn staged_hint(&self) -> usize {
+        self.staged_hint.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_staged_hint(&self, n: usize) {
+        self.staged_hint.store(n, Ordering::Relaxed);
     }
 
     /// The flush lock (see the field); taken after the write lock, never

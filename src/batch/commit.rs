@@ -59,6 +59,7 @@ impl Batch<'_> {
             // under the write lock: a reader sees them once they are on
             // disk, and the next batch sees them before it checks.
             let staged = std::mem::take(&mut self.staged);
+            self.shard.set_staged_hint(staged.len());
             self.shard.pending.write().apply(
                 seq,
                 bytes,

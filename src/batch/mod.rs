@@ -93,13 +93,17 @@ impl<'s> Batch<'s> {
         writer: WriterGuard,
     ) -> Self {
         shard.set_holder();
+        // Room for as many changes as the partition's last batch staged:
+        // growing the map from a small size rehashed it four times in a
+        // batch of 1 000 (6 % of a batch's time in a profile of `compare`).
+        let room = shard.staged_hint().clamp(16, 1 << 16);
         Self {
             engine,
             shard,
             cf,
             _writer: writer,
             staged: HashMap::with_capacity_and_hasher(
-                64,
+                room,
                 foldhash::quality::RandomState::default(),
             ),
             staged_sources: HashMap::with_hasher(foldhash::quality::RandomState::default()),

@@ -144,8 +144,20 @@ impl Tables {
     /// everything there. The write-ahead log is fsynced first: the records
     /// of these changes are durable before the table is.
     fn ingest(&self, cf: &Cf<'_>, changes: &Changes) -> Result<()> {
-        let mut keys: Vec<(&Vec<u8>, &Option<crate::layout::Entry>)> = changes.iter().collect();
-        keys.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        // Sorted by the first eight bytes after the tag as a number first:
+        // marks are random keys, so that almost always decides, and the
+        // sort does one integer comparison where a byte comparison would
+        // call memcmp (a quarter of the flush's time in a profile).
+        let prefix = |k: &[u8]| -> u64 {
+            let mut word = [0u8; 8];
+            for (w, b) in word.iter_mut().zip(k.iter().skip(1)) {
+                *w = *b;
+            }
+            u64::from_be_bytes(word)
+        };
+        let mut keys: Vec<(u64, &Vec<u8>, &Option<crate::layout::Entry>)> =
+            changes.iter().map(|(k, e)| (prefix(k), k, e)).collect();
+        keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{n:06}.sst"));
         let result = self.write_and_ingest(cf, &keys, &path);
@@ -158,12 +170,12 @@ impl Tables {
     fn write_and_ingest(
         &self,
         cf: &Cf<'_>,
-        keys: &[(&Vec<u8>, &Option<crate::layout::Entry>)],
+        keys: &[(u64, &Vec<u8>, &Option<crate::layout::Entry>)],
         path: &std::path::Path,
     ) -> Result<()> {
         let mut writer = SstFileWriter::create(&self.file_options);
         writer.open(path).map_err(|e| self.storage(e))?;
-        for (k, e) in keys {
+        for (_, k, e) in keys {
             match e {
                 Some(e) => writer.put(k, e.encode()),
                 None => writer.delete(k),
