@@ -15,6 +15,10 @@
 //! previous batch's last number: after each kill every acknowledged number
 //! is a duplicate and none of the batch after the offset is.
 //!
+//! Each process writes its changes as tables at its own pace (see
+//! `options`), so kills also land while a table is written, ingested, or
+//! its journal records deleted.
+//!
 //! `EXACTLY_CRASH_TRIALS` sets the number of trials (default 6),
 //! `EXACTLY_CRASH_SEED` replays a run.
 
@@ -53,10 +57,20 @@ fn numbers(b: i64) -> [u64; 4] {
     [first + 1, first, first + 3, first + 2]
 }
 
+/// Each process picks its `table_bytes` by its pid, so that reopens change
+/// it: a table per batch (kills land while the background flusher writes
+/// and ingests one), one every few batches, or the default (the changes
+/// stay in journal records until the next open writes them).
 fn options() -> Options {
+    let table_bytes = match std::process::id() % 3 {
+        0 => 1,
+        1 => 1_500,
+        _ => 4 << 20,
+    };
     Options::default()
         .ttl(Duration::from_secs(24 * 3600))
         .expected_keys_per_partition(100_000)
+        .table_bytes(table_bytes)
 }
 
 /// The child: continues each partition from its committed offset, writing

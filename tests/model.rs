@@ -46,6 +46,8 @@ enum Op {
     Compact(i32),
     Reopen {
         clean: bool,
+        /// `Options::table_bytes` of the new open.
+        table_bytes: usize,
     },
 }
 
@@ -85,7 +87,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (p.clone(), 0u64..4).prop_map(|(p, e)| Op::AssignEpoch(p, e)),
         3 => (0..TTL_MS + 300).prop_map(Op::Advance),
         2 => p.prop_map(Op::Compact),
-        2 => any::<bool>().prop_map(|clean| Op::Reopen { clean }),
+        2 => (any::<bool>(), table_bytes()).prop_map(|(clean, table_bytes)| Op::Reopen { clean, table_bytes }),
     ]
 }
 
@@ -155,7 +157,15 @@ fn key(k: u8) -> [u8; 3] {
     [b'k', b'-', b'a' + k]
 }
 
-fn options(clock: &ManualClock, refresh_on_duplicate: bool) -> Options {
+/// `Options::table_bytes`: from a table per change or two (the background
+/// flusher and the inline flush of a commit that finds it behind race every
+/// other operation) to the default (changes stay in memory and in journal
+/// records until a revoke, a compaction or a reopen).
+fn table_bytes() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(1usize), 1usize..200, Just(4 << 20)]
+}
+
+fn options(clock: &ManualClock, refresh_on_duplicate: bool, table_bytes: usize) -> Options {
     let refresh = if refresh_on_duplicate {
         TtlRefresh::OnDuplicate
     } else {
@@ -167,6 +177,7 @@ fn options(clock: &ManualClock, refresh_on_duplicate: bool) -> Options {
         .expected_keys_per_partition(16)
         .bloom_fp_rate(0.3) // many false positives: they must all be confirmed away
         .clock(clock.clone())
+        .table_bytes(table_bytes)
 }
 
 fn not_assigned<T: std::fmt::Debug>(r: exactly::Result<T>) {
@@ -177,10 +188,10 @@ fn not_assigned<T: std::fmt::Debug>(r: exactly::Result<T>) {
     clippy::map_entry,
     reason = "the model reads like the store: look in the batch, then in the store"
 )]
-fn run(dir: &Path, ops: Vec<Op>, refresh_on_duplicate: bool) {
+fn run(dir: &Path, ops: Vec<Op>, refresh_on_duplicate: bool, table_bytes: usize) {
     let clock = ManualClock::new(common::T0);
-    let opts = || options(&clock, refresh_on_duplicate);
-    let mut store = Some(Store::open(dir, opts()).unwrap());
+    let opts = |table_bytes| options(&clock, refresh_on_duplicate, table_bytes);
+    let mut store = Some(Store::open(dir, opts(table_bytes)).unwrap());
     let mut m = Model {
         now: common::T0,
         refresh_on_duplicate,
@@ -389,14 +400,14 @@ fn run(dir: &Path, ops: Vec<Op>, refresh_on_duplicate: bool) {
                     not_assigned(r);
                 }
             }
-            Op::Reopen { clean } => {
+            Op::Reopen { clean, table_bytes } => {
                 let s = store.take().unwrap();
                 if clean {
                     s.close().unwrap();
                 } else {
                     drop(s);
                 }
-                store = Some(Store::open(dir, opts()).unwrap());
+                store = Some(Store::open(dir, opts(table_bytes)).unwrap());
                 m.assigned.clear();
             }
         }
@@ -432,8 +443,9 @@ proptest! {
     fn store_matches_model(
         ops in proptest::collection::vec(op(), 1..60),
         refresh_on_duplicate in any::<bool>(),
+        table_bytes in table_bytes(),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        run(dir.path(), ops, refresh_on_duplicate);
+        run(dir.path(), ops, refresh_on_duplicate, table_bytes);
     }
 }
