@@ -1,8 +1,10 @@
-//! On-disk format fixtures: a store written by format version 1 must keep
-//! opening with the same answers. A change that breaks the format fails here.
+//! On-disk format fixtures: stores written by format versions 1 and 2 must
+//! keep opening with the same answers. A change that breaks the format fails
+//! here.
 //!
 //! `EXACTLY_WRITE_FIXTURES=1 cargo test --test format` rewrites the fixture
-//! (only when the format version is bumped on purpose).
+//! of the current version (only when the format version is bumped on
+//! purpose); older fixtures are never rewritten.
 
 use std::fs;
 use std::path::Path;
@@ -12,7 +14,8 @@ use exactly::{ManualClock, Options, Partition, Store, Verdict};
 
 /// The clock the fixture was written at: 2026-01-01T00:00:00Z.
 const FIXTURE_T: u64 = 1_767_225_600_000;
-const FIXTURE: &str = "tests/fixtures/v1";
+const FIXTURE_V1: &str = "tests/fixtures/v1";
+const FIXTURE_V2: &str = "tests/fixtures/v2";
 
 fn options(clock: &ManualClock) -> Options {
     Options::default()
@@ -21,9 +24,33 @@ fn options(clock: &ManualClock) -> Options {
         .clock(clock.clone())
 }
 
-/// Partition 0 is flushed and compacted into a table file; partition 1 lives
-/// only in the write-ahead log.
-fn write_fixture(dir: &Path) {
+/// Version 2: partition 0's marks are in a table the store wrote and
+/// ingested (a compaction writes its changes first); partition 1's are only
+/// in a journal record in the write-ahead log, as a store dropped without
+/// `close` leaves them (its next open must write them as a table).
+fn write_fixture_v2(dir: &Path) {
+    let clock = ManualClock::new(FIXTURE_T);
+    let store = Store::open(dir, options(&clock)).unwrap();
+    for n in 0..2 {
+        let p = Partition::new("orders", n);
+        store.assign(&p).unwrap();
+        let mut batch = store.batch(&p).unwrap();
+        for i in 0..50 {
+            batch.mark(format!("key-{n}-{i}").as_bytes()).unwrap();
+        }
+        batch.set_offset(50 + i64::from(n));
+        batch.commit().unwrap();
+    }
+    store.compact(&Partition::new("orders", 0)).unwrap();
+    store.sync().unwrap();
+    drop(store);
+}
+
+/// Version 1 (written by the build of that version): partition 0 is flushed
+/// and compacted into a table file; partition 1 lives only in the
+/// write-ahead log.
+#[allow(dead_code)]
+fn write_fixture_v1(dir: &Path) {
     let clock = ManualClock::new(FIXTURE_T);
     let store = Store::open(dir, options(&clock)).unwrap();
     for n in 0..2 {
@@ -58,13 +85,34 @@ fn copy_store(from: &Path, to: &Path) {
 
 #[test]
 fn format_v1_fixture_opens_with_the_same_answers() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE);
+    fixture_opens_with_the_same_answers(FIXTURE_V1);
+}
+
+#[test]
+fn format_v2_fixture_opens_with_the_same_answers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE_V2);
     if std::env::var_os("EXACTLY_WRITE_FIXTURES").is_some() {
         let scratch = tempfile::tempdir().unwrap();
-        write_fixture(scratch.path());
+        write_fixture_v2(scratch.path());
         let _ = fs::remove_dir_all(&root);
         copy_store(scratch.path(), &root);
     }
+    // The fixture holds a journal record: the format it is about.
+    let logs: Vec<_> = fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    assert!(
+        logs.iter()
+            .any(|l| fs::read(l).unwrap().windows(8).any(|w| w == b"journal:")),
+        "the v2 fixture has a journal record in its logs"
+    );
+    fixture_opens_with_the_same_answers(FIXTURE_V2);
+}
+
+fn fixture_opens_with_the_same_answers(fixture: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture);
     // Work on a copy: opening a store writes to it.
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("store");
@@ -90,4 +138,9 @@ fn format_v1_fixture_opens_with_the_same_answers() {
     clock.advance(Duration::from_secs(3600));
     let p = Partition::new("orders", 1);
     assert_eq!(store.check(&p, b"key-1-0").unwrap(), Verdict::New);
+    // The store was upgraded to the current format, which older builds
+    // refuse.
+    drop(store);
+    let manifest = fs::read_to_string(dir.join("EXACTLY")).unwrap();
+    assert!(manifest.contains("format_version = 2"), "{manifest}");
 }
