@@ -146,4 +146,16 @@ pub mod internals {
     pub mod outbox {
         pub use crate::outbox_probe::*;
     }
+
+    /// The background writer of tables (fuzz targets that copy an open
+    /// store's files, as a crash would leave them).
+    pub mod tables {
+        /// Waits until the background thread has written every table asked
+        /// of it so far, so that the store's files change only through the
+        /// caller's own calls (and RocksDB's own background work) while it
+        /// copies them.
+        pub fn wait_idle(store: &crate::Store) {
+            store.engine().wait_tables();
+        }
+    }
 }

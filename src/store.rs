@@ -536,7 +536,10 @@ impl Store {
 
     /// Runs a full compaction of the partition now, dropping its expired
     /// marks from disk. Compaction also runs on its own in the background;
-    /// this is for tests and maintenance windows.
+    /// this is for tests and maintenance windows. It first writes the
+    /// partition's changes held in memory as a table, and fsyncs the
+    /// write-ahead log: everything acknowledged before it survives a power
+    /// cut.
     pub fn compact(&self, partition: &Partition) -> Result<()> {
         let shard = self.shard(partition)?;
         self.engine.compact(&shard)

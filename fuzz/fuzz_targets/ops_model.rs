@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use arbitrary::Arbitrary;
 use exactly::internals::outbox::{self, Pending};
+use exactly::internals::tables;
 use exactly::{
     Clock, Durability, Error, ManualClock, Options, OutboxRecord, Partition, Store, Verdict,
 };
@@ -137,6 +138,10 @@ struct Opened {
     expected_keys: usize,
     fp_rate: f64,
     sync: bool,
+    /// `Options::table_bytes`: a table per change or two, every few
+    /// batches, or the default (changes stay in journal records until a
+    /// revoke, compaction or reopen).
+    table_bytes: usize,
 }
 
 impl Opened {
@@ -147,6 +152,7 @@ impl Opened {
             // Many false positives: every one must be confirmed away on disk.
             fp_rate: 0.5,
             sync: false,
+            table_bytes: 64,
         }
     }
 
@@ -160,6 +166,15 @@ impl Opened {
                 FpChoice::Tiny => 0.0001,
             },
             sync: r.sync,
+            // The high bits of the filter sizing byte (its low four pick the
+            // expected keys), so that the inputs of the corpus keep their
+            // meaning.
+            table_bytes: match r.expected_keys >> 4 & 3 {
+                0 => 1,
+                1 => 64,
+                2 => 512,
+                _ => 4 << 20,
+            },
         }
     }
 }
@@ -282,6 +297,7 @@ fn options(clock: &ManualClock, o: Opened) -> Options {
         })
         .max_key_len(MAX_KEY_LEN)
         .clock(clock.clone())
+        .table_bytes(o.table_bytes)
 }
 
 fn open(path: &Path, clock: &ManualClock, o: Opened) -> Store {
@@ -565,7 +581,12 @@ fn run(input: Input) {
                     s.close().expect("close");
                 } else {
                     // The files as the OS has them while the process still
-                    // runs; then the process state is lost.
+                    // runs; then the process state is lost. The background
+                    // table writer is let finish first: a copy is not an
+                    // instant, and a table ingested halfway through it would
+                    // leave a copy no crash can (the SIGKILL trials kill
+                    // the writer mid-table).
+                    tables::wait_idle(&s);
                     let from = dirs.current();
                     dirs.generation += 1;
                     copy_dir(&from, &dirs.current()).expect("copy store");

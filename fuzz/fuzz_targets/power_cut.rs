@@ -4,8 +4,10 @@
 //! partitions, with `sync()` points and compactions, and then one or more
 //! power cuts. At every point the harness knows which bytes are durable:
 //!
-//! * at each `sync()` (and, with `Durability::Sync`, after each commit) it
-//!   records the length of every file of the store;
+//! * at each `sync()` and compaction (which writes the partition's changes
+//!   held in memory as a table and fsyncs the log), and with
+//!   `Durability::Sync` after each commit, it records the length of every
+//!   file of the store;
 //! * RocksDB fsyncs its own table files, `MANIFEST`, `OPTIONS` and `CURRENT`
 //!   before it relies on them, and syncs a write-ahead log it has switched
 //!   away from before the flush that made the switch is recorded; so only the
@@ -313,7 +315,14 @@ fn run(input: Input) {
                 run.store().sync().expect("sync");
                 run.sync_point();
             }
-            Step::Compact(p) => run.store().compact(&part(p % PARTITIONS)).expect("compact"),
+            Step::Compact(p) => {
+                // A compaction writes the partition's changes in memory as a
+                // table, fsyncing the log first, and fsyncs it in any case:
+                // a sync point (a cut below it could lose journal records
+                // whose table survived).
+                run.store().compact(&part(p % PARTITIONS)).expect("compact");
+                run.sync_point();
+            }
             Step::Cut(cut) => {
                 if cuts < MAX_CUTS {
                     cuts += 1;

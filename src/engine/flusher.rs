@@ -12,19 +12,33 @@ use parking_lot::Mutex;
 use super::tables::Tables;
 use crate::shard::Shard;
 
-/// The flusher: a channel of shards to flush and the thread reading it.
+/// What the thread is asked.
+enum Job {
+    Flush(Arc<Shard>),
+    /// Answer once every job sent before is done.
+    Barrier(Sender<()>),
+}
+
+/// The flusher: a channel of jobs and the thread reading it.
 pub(crate) struct Flusher {
-    sender: Mutex<Option<Sender<Arc<Shard>>>>,
+    sender: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Flusher {
     pub(crate) fn start(tables: Arc<Tables>) -> std::io::Result<Self> {
-        let (sender, receiver) = channel::<Arc<Shard>>();
+        let (sender, receiver) = channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("exactly-tables".into())
             .spawn(move || {
-                for shard in receiver {
+                for job in receiver {
+                    let shard = match job {
+                        Job::Flush(shard) => shard,
+                        Job::Barrier(done) => {
+                            let _ = done.send(());
+                            continue;
+                        }
+                    };
                     shard.flush_requested.store(false, Ordering::Release);
                     if let Err(e) = tables.flush(&shard) {
                         // The changes stay in memory and in their records;
@@ -50,7 +64,20 @@ impl Flusher {
         }
         if let Some(sender) = &*self.sender.lock() {
             // The thread ends only when the sender is gone.
-            let _ = sender.send(shard.clone());
+            let _ = sender.send(Job::Flush(shard.clone()));
+        }
+    }
+
+    /// Waits until every flush asked so far is done (tests and tools that
+    /// copy a store's files while it is open).
+    pub(crate) fn wait_idle(&self) {
+        let (done, wait) = channel();
+        let sent = match &*self.sender.lock() {
+            Some(sender) => sender.send(Job::Barrier(done)).is_ok(),
+            None => false,
+        };
+        if sent {
+            let _ = wait.recv();
         }
     }
 

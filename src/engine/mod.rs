@@ -374,6 +374,11 @@ impl Engine {
         }
     }
 
+    /// Waits until the background flusher is idle.
+    pub(crate) fn wait_tables(&self) {
+        self.flusher.wait_idle();
+    }
+
     /// Writes every change `shard` holds in memory as tables (revoke,
     /// compact).
     pub(crate) fn flush_all(&self, shard: &Shard) -> Result<()> {
