@@ -270,7 +270,17 @@ impl<'s> Batch<'s> {
             _ => now.partition,
         };
         let expires_at = expiry(base, ttl_ms.unwrap_or(self.engine.ttl_millis()));
-        match self.current(&k, now)?.0 {
+        // A key not staged yet (the common case) costs one probe of the
+        // staging map and one insert, not the three of `current` and
+        // `stage`.
+        let staged = self.staged.contains_key(&k);
+        let current = if staged {
+            self.current(&k, now)?.0
+        } else {
+            self.engine
+                .lookup(&self.shard, Some(&self.cf), &k, now.partition, now.clock)?
+        };
+        match current {
             Some(current) => {
                 Counters::bump(&self.shard.counters.duplicates);
                 if let Entry::Done { expires_at: old } = current {
@@ -279,6 +289,18 @@ impl<'s> Batch<'s> {
                     }
                 }
                 Ok(Verdict::Duplicate)
+            }
+            None if !staged => {
+                self.staged.insert(
+                    k,
+                    Staged {
+                        entry: Some(Entry::Done { expires_at }),
+                        claims: false,
+                        release: None,
+                    },
+                );
+                self.marks += 1;
+                Ok(Verdict::New)
             }
             None => {
                 self.stage(k, Some(Entry::Done { expires_at }), false);
