@@ -6,10 +6,12 @@
 //! its stored key's length (`u32` BE), the key, the length of the entry
 //! after the batch (`u8`: 0 for a removal, else 9 or 25) and the entry as
 //! `layout.rs` encodes it, then a CRC32C (`u32` BE) of everything before it.
-//! Keys are in no particular order; a record holds each key once.
+//! Keys are in no particular order; a record holds each key once. Every key
+//! is a mark key (`MARK_TAG ++ key`, at least two bytes): a record changing
+//! any other key does not decode.
 
 use crate::error::{Error, Result};
-use crate::layout::{Entry, JOURNAL_PREFIX};
+use crate::layout::{Entry, JOURNAL_PREFIX, MARK_TAG};
 
 const MAGIC: &[u8; 4] = b"EXJ1";
 
@@ -121,6 +123,12 @@ pub(crate) fn decode(
     for _ in 0..count {
         let len = cursor.u32().ok_or_else(|| corrupt("truncated"))?;
         let key = cursor.take(len).ok_or_else(|| corrupt("truncated"))?;
+        // Only marks and claims are journalled: a change of any other key
+        // (metadata, an empty key, a bare tag) is damage, and written as a
+        // table it would overwrite metadata or break the table's order.
+        if key.len() < 2 || key.first() != Some(&MARK_TAG) {
+            return Err(corrupt("a change of a key that is not a mark"));
+        }
         let entry_len = cursor
             .take(1)
             .and_then(|b| b.first().copied())
@@ -202,6 +210,25 @@ mod tests {
         }
         for cut in 0..v.len() {
             assert!(decode(1, &v[..cut], |_, _| {}).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_change_of_a_key_that_is_not_a_mark_is_refused() {
+        for bad in [&b"\x00offset"[..], b"", b"\x01", b"\x02x"] {
+            let changes = [
+                (&b"\x01ok"[..], Some(Entry::Done { expires_at: 1 })),
+                (bad, None),
+            ];
+            let bytes = changes.iter().map(|(k, e)| change_bytes(k, *e)).sum();
+            let v = encode(changes.len(), changes.iter().copied(), bytes);
+            let mut seen = 0;
+            let r = decode(4, &v, |_, _| seen += 1);
+            assert!(
+                matches!(&r, Err(Error::Corruption(m)) if m.contains("not a mark")),
+                "{bad:?}: {r:?}"
+            );
+            assert_eq!(seen, 0);
         }
     }
 

@@ -124,6 +124,18 @@ impl Pending {
     pub(crate) fn thaw(&mut self) {
         self.frozen = None;
     }
+
+    /// Drops every change held, frozen and live, and returns how many: for
+    /// a revoked shard whose journal records were written as a table by a
+    /// settle (`Tables::flush`). Later lookups find nothing here.
+    pub(crate) fn discard(&mut self) -> usize {
+        let dropped = self.len();
+        self.frozen = None;
+        self.live.clear();
+        self.live_bytes = 0;
+        self.live_from = self.next;
+        dropped
+    }
 }
 
 #[cfg(test)]
