@@ -1060,6 +1060,10 @@ fn a_damaged_journal_record_is_corruption_on_assign_and_for_the_tools() {
             matches!(r, Err(Error::Corruption(_))),
             "{what} again: {r:?}"
         );
+        // The way out: deleting the partition, which reads nothing of it.
+        assert!(store.delete_partition(&p).unwrap(), "{what}");
+        store.assign(&p).unwrap();
+        assert_eq!(store.check(&p, &key(0)).unwrap(), Verdict::New, "{what}");
     }
 }
 
@@ -1583,4 +1587,28 @@ fn a_stale_removal_of_a_revoked_shard_does_not_undo_an_acknowledged_mark() {
     let store = open_with(dir.path(), &clock, 1);
     store.assign(&p).unwrap();
     assert_eq!(store.check(&p, b"k").unwrap(), Verdict::Duplicate);
+}
+
+/// A journal record numbered at the very end of the number space (only
+/// damage can number one so: one record per batch from 0) is
+/// `Error::Corruption` on assign, never an overflow panic; deleting the
+/// partition clears it.
+#[test]
+fn a_journal_record_numbered_at_the_end_of_the_number_space_is_corruption() {
+    let clock = ManualClock::new(T0);
+    let p = orders(0);
+    let dir = tempfile::tempdir().unwrap();
+    store_with_records(dir.path(), &clock, &p);
+    let record = journal_record(&[(b"\x01far", Some(done(T0 + 1_000_000)))]);
+    poke(dir.path(), &p, &[(journal_key(u64::MAX), record)]);
+    let store = open_with(dir.path(), &clock, 1);
+    let r = store.assign(&p);
+    assert!(matches!(r, Err(Error::Corruption(_))), "{r:?}");
+    assert!(store.delete_partition(&p).unwrap());
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, &key(0)).unwrap(), Verdict::New);
+    store.mark(&p, b"after").unwrap();
+    store.revoke(&p).unwrap();
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, b"after").unwrap(), Verdict::Duplicate);
 }

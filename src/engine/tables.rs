@@ -36,6 +36,11 @@ use crate::shard::Shard;
 /// Where tables are written before RocksDB takes them over.
 pub(crate) const TABLE_DIR: &str = "ingest";
 
+/// Journal records are numbered from 0, one per batch, so a partition
+/// never reaches this many; a record numbered at or above it is damage
+/// (and numbering on from it could overflow).
+const MAX_RECORDS: u64 = 1 << 62;
+
 /// What writing tables needs; shared with the background flusher.
 pub(crate) struct Tables {
     db: Arc<Db>,
@@ -180,9 +185,11 @@ impl Tables {
             if !k.starts_with(JOURNAL_PREFIX) {
                 break;
             }
-            let seq = journal_seq(k).ok_or_else(|| {
-                Error::Corruption(format!("malformed journal key {}", k.escape_ascii()))
-            })?;
+            let seq = journal_seq(k)
+                .filter(|&seq| seq < MAX_RECORDS)
+                .ok_or_else(|| {
+                    Error::Corruption(format!("malformed journal key {}", k.escape_ascii()))
+                })?;
             journal::decode(seq, v, |key, entry| {
                 changes.insert(key.to_vec(), entry);
             })?;
