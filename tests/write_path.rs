@@ -394,6 +394,15 @@ fn sessions_with_changing_table_sizes_and_unclean_ends_match_a_model() {
                 }
             }
             batch.commit().unwrap();
+            // Every key, while its changes are live, frozen, being written
+            // or in tables.
+            for k in 0..60u64 {
+                assert_eq!(
+                    store.check(p, &key(k)).unwrap() == Verdict::Duplicate,
+                    model[i].contains(&k),
+                    "session {session} (table_bytes {table_bytes}), {p}, key {k} after a commit"
+                );
+            }
         }
         match session % 3 {
             0 => drop(store),
@@ -1611,4 +1620,106 @@ fn a_journal_record_numbered_at_the_end_of_the_number_space_is_corruption() {
     store.revoke(&p).unwrap();
     store.assign(&p).unwrap();
     assert_eq!(store.check(&p, b"after").unwrap(), Verdict::Duplicate);
+}
+
+/// A stop between a table's ingest and the delete of its records leaves
+/// both: the next settle replays every record left, in order, above the
+/// table, and each key ends at its newest state (the table here is built
+/// as the flusher builds one, from the first two records).
+#[test]
+fn records_left_beside_their_ingested_table_are_replayed_to_the_same_state() {
+    let clock = ManualClock::new(T0);
+    let p = orders(0);
+    let dir = tempfile::tempdir().unwrap();
+    let expiry = T0 + TTL.as_millis() as u64;
+    {
+        let store = open_with(dir.path(), &clock, 4 << 20);
+        store.assign(&p).unwrap();
+        let mut batch = store.batch(&p).unwrap(); // record 0
+        batch.mark(b"a").unwrap();
+        batch.mark(b"b").unwrap();
+        batch.commit().unwrap();
+        assert!(store.unmark(&p, b"a").unwrap()); // record 1
+        store.mark(&p, b"c").unwrap(); // record 2
+        assert!(store.unmark(&p, b"b").unwrap()); // record 3
+        drop(store);
+    }
+    // The table of records 0 and 1, ingested; the records not deleted.
+    {
+        let o = rocksdb::Options::default();
+        let names = rocksdb::DB::list_cf(&o, dir.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&o, dir.path(), &names).unwrap();
+        let cf = db.cf_handle("p/orders/0").unwrap();
+        let path = dir.path().join("replayed.sst");
+        let mut writer = rocksdb::SstFileWriter::create(&o);
+        writer.open(&path).unwrap();
+        writer.delete(b"\x01a").unwrap();
+        writer.put(b"\x01b", done(expiry)).unwrap();
+        writer.finish().unwrap();
+        db.ingest_external_file_cf(cf, vec![&path]).unwrap();
+        for seq in 0..4 {
+            assert!(
+                db.get_cf(cf, journal_key(seq)).unwrap().is_some(),
+                "record {seq}"
+            );
+        }
+    }
+    let store = open_with(dir.path(), &clock, 1);
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, b"a").unwrap(), Verdict::New);
+    assert_eq!(store.check(&p, b"b").unwrap(), Verdict::New);
+    assert_eq!(store.check(&p, b"c").unwrap(), Verdict::Duplicate);
+    store.mark(&p, b"d").unwrap();
+    drop(store);
+    let store = open_with(dir.path(), &clock, 1);
+    store.assign(&p).unwrap();
+    for (k, v) in [
+        (&b"a"[..], Verdict::New),
+        (b"b", Verdict::New),
+        (b"c", Verdict::Duplicate),
+        (b"d", Verdict::Duplicate),
+    ] {
+        assert_eq!(store.check(&p, k).unwrap(), v, "{:?}", k.escape_ascii());
+    }
+}
+
+/// A settle deletes the records it wrote with a range delete, and the
+/// partition's next shard numbers its records from 0 again, under that
+/// range: the new records are read back and replayed after a drop, none is
+/// hidden, and the old ones do not come back.
+#[test]
+fn records_numbered_again_under_a_settled_range_are_replayed() {
+    let clock = ManualClock::new(T0);
+    let p = orders(0);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open_with(dir.path(), &clock, 4 << 20);
+        store.assign(&p).unwrap();
+        for i in 0..5 {
+            store.mark(&p, &key(i)).unwrap(); // records 0..5
+        }
+        drop(store);
+    }
+    {
+        let store = open_with(dir.path(), &clock, 4 << 20);
+        // A tool settles the records (deletes [0, 5)).
+        assert!(inspect::partition_meta(&store, &p).unwrap().is_some());
+        store.assign(&p).unwrap(); // finds no record: numbers from 0
+        assert!(store.unmark(&p, &key(0)).unwrap()); // record 0 again
+        store.mark(&p, b"new").unwrap(); // record 1
+        drop(store);
+    }
+    let store = open_with(dir.path(), &clock, 4 << 20);
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, &key(0)).unwrap(), Verdict::New);
+    for i in 1..5 {
+        assert_eq!(store.check(&p, &key(i)).unwrap(), Verdict::Duplicate);
+    }
+    assert_eq!(store.check(&p, b"new").unwrap(), Verdict::Duplicate);
+    store.mark(&p, b"newer").unwrap();
+    store.close().unwrap();
+    let store = open_with(dir.path(), &clock, 1);
+    store.assign(&p).unwrap();
+    assert_eq!(store.check(&p, &key(0)).unwrap(), Verdict::New);
+    assert_eq!(store.check(&p, b"newer").unwrap(), Verdict::Duplicate);
 }
