@@ -138,10 +138,15 @@ impl Tables {
     /// Whether the journal records of `frozen` are still in `cf`: its last
     /// record is there and holds, for each of its keys, what `frozen` holds
     /// (the last record's changes are the newest of their keys). A shard's
-    /// own records leave only by its own flushes, after their table is
-    /// ingested; so they are gone, or another partition's records of the
-    /// same numbers stand there (the column family was dropped and created
-    /// again), only when the shard was revoked and a settle took them.
+    /// own records leave only through its own flushes, after their table
+    /// is ingested. So the last record is missing only when the shard was
+    /// revoked and a settle wrote and deleted its records; and it holds
+    /// other changes only when, besides, the column family was dropped and
+    /// created again and the next shard numbered its records alike. (A next
+    /// shard whose last record of that number held exactly the same changes
+    /// would not be told apart: revoke should retire a shard's index, so
+    /// that no flush of it runs at all; `tests/write_path.rs`, the stale
+    /// flush tests.)
     fn records_on_disk(&self, cf: &Cf<'_>, frozen: &Frozen) -> Result<bool> {
         let Some(last) = frozen.to.checked_sub(1).filter(|&l| l >= frozen.from) else {
             return Ok(true);
