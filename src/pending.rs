@@ -38,6 +38,8 @@ pub(crate) struct Pending {
     /// The next journal record's sequence number.
     next: u64,
     frozen: Option<Frozen>,
+    /// Set by `discard`: the shard was revoked.
+    retired: bool,
 }
 
 impl Pending {
@@ -49,6 +51,7 @@ impl Pending {
             live_from: next,
             next,
             frozen: None,
+            retired: false,
         }
     }
 
@@ -97,7 +100,7 @@ impl Pending {
     /// `None` if there is nothing to write.
     pub(crate) fn freeze(&mut self) -> Option<Frozen> {
         if self.frozen.is_none() {
-            if self.live.is_empty() {
+            if self.live.is_empty() || self.retired {
                 return None;
             }
             // The next live set starts with room for as many changes as
@@ -125,16 +128,30 @@ impl Pending {
         self.frozen = None;
     }
 
-    /// Drops every change held, frozen and live, and returns how many: for
-    /// a revoked shard whose journal records were written as a table by a
-    /// settle (`Tables::flush`). Later lookups find nothing here.
+    /// Drops every change held, frozen and live, for good, and returns how
+    /// many: for a revoked shard (`Tables::retire`), whose changes are in a
+    /// table or in journal records the partition's next reader writes.
+    /// Later lookups find nothing here, and nothing is frozen again.
     pub(crate) fn discard(&mut self) -> usize {
         let dropped = self.len();
         self.frozen = None;
-        self.live.clear();
+        self.live = Changes::default();
         self.live_bytes = 0;
         self.live_from = self.next;
+        self.retired = true;
         dropped
+    }
+
+    /// Whether the shard was retired (revoked).
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired
+    }
+
+    /// How many of the shard's journal records are still on disk, as far
+    /// as the shard knows (those of its frozen and live changes).
+    pub(crate) fn records(&self) -> u64 {
+        let from = self.frozen.as_ref().map_or(self.live_from, |f| f.from);
+        self.next - from
     }
 }
 

@@ -247,6 +247,7 @@ impl Shard {
             committed_offset: self.committed_offset(),
             filter_from_snapshot: self.from_snapshot,
             sources: self.source_count(now) as u64,
+            pending_changes: self.pending.read().len() as u64,
         };
         self.metrics.set_gauges(
             stats.live_keys_estimate,

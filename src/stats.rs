@@ -25,8 +25,9 @@ pub struct Stats {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PartitionStats {
-    /// RocksDB's estimate of the keys on disk (includes expired marks not yet
-    /// compacted away).
+    /// RocksDB's estimate of the keys on disk, with the changes held in
+    /// memory counted instead of their journal records (includes expired
+    /// marks not yet compacted away).
     pub live_keys_estimate: u64,
     /// Keys and sequence numbers checked (by `check`, `check_and_mark`,
     /// `mark`, their sequence forms, and batches).
@@ -48,6 +49,10 @@ pub struct PartitionStats {
     pub filter_from_snapshot: bool,
     /// Sequence sources the partition remembers (sequence mode).
     pub sources: u64,
+    /// Changes (marks, claims, removals) held in memory until the table
+    /// that writes them is ingested: the index of recent changes, at most
+    /// about two tables' worth ([`crate::Options::table_bytes`]).
+    pub pending_changes: u64,
 }
 
 /// Per-partition counters since the shard was assigned.

@@ -226,6 +226,10 @@ impl Store {
                 "writing the partition's changes as a table on revoke failed; the next assign writes them"
             );
         }
+        // Written or not, the changes leave memory now: a flush of this
+        // shard still queued would otherwise land above what the next
+        // reader of the partition writes from their records.
+        self.engine.retire(shard);
         self.engine.save_snapshot(shard);
         info!(
             partition = %shard.partition,

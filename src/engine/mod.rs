@@ -348,12 +348,16 @@ impl Engine {
 
     /// Before a commit of `shard` (write lock held): if the flusher is a
     /// whole table behind, writes the table here, so memory stays bounded
-    /// by two tables' worth of changes. Nothing of the commit is written
+    /// by about two tables' worth of changes (and a batch's). Nothing of the commit is written
     /// yet, so an error leaves it unapplied.
     pub(crate) fn before_commit(&self, shard: &Shard) -> Result<()> {
+        // Behind: a table's worth waits while one is written, or two wait
+        // while the thread serves other partitions.
         let behind = {
             let pending = shard.pending.read();
-            pending.is_frozen() && pending.live_bytes() >= self.options.table_bytes
+            let live = pending.live_bytes();
+            live >= self.options.table_bytes.saturating_mul(2)
+                || (pending.is_frozen() && live >= self.options.table_bytes)
         };
         if behind {
             // Waits for the flush under way, then writes the live changes.
@@ -383,6 +387,11 @@ impl Engine {
     /// compact).
     pub(crate) fn flush_all(&self, shard: &Shard) -> Result<()> {
         self.tables.flush_all(shard)
+    }
+
+    /// Empties a revoked shard's index for good (see `Tables::retire`).
+    pub(crate) fn retire(&self, shard: &Shard) -> usize {
+        self.tables.retire(shard)
     }
 
     /// Writes the journal records left on disk in the column family of a

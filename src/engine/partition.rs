@@ -364,7 +364,13 @@ impl Engine {
                     .flatten()
             })
             .unwrap_or(0);
-        on_disk.saturating_add(shard.pending.read().len() as u64)
+        // The journal records of the changes in memory are keys on disk
+        // too: counted as the changes instead. (Records already deleted
+        // count until a compaction drops them, as expired marks do.)
+        let pending = shard.pending.read();
+        on_disk
+            .saturating_sub(pending.records())
+            .saturating_add(pending.len() as u64)
     }
 
     /// Runs a full compaction of the shard's column family now.
@@ -376,11 +382,25 @@ impl Engine {
         // fsyncs the log; it is fsynced here in any case, so a compaction
         // always leaves every acknowledged write durable, whether or not
         // there was anything in memory.
-        self.flush_all(shard)?;
-        self.db.flush_wal(true).map_err(|e| self.storage(e))?;
+        // A revoke (or a `delete_partition`, which drops the column family)
+        // racing this one makes its errors `NotAssigned`, as if it had come
+        // first.
+        let revoked = |e: Error| {
+            if shard.pending.read().is_retired() {
+                Error::NotAssigned(shard.partition.clone())
+            } else {
+                e
+            }
+        };
+        self.flush_all(shard).map_err(revoked)?;
+        self.db
+            .flush_wal(true)
+            .map_err(|e| revoked(self.storage(e)))?;
         // Expiry is judged at the time the ledger records: record now first.
         self.record_time()?;
-        self.db.flush_cf(&cf).map_err(|e| self.storage(e))?;
+        self.db
+            .flush_cf(&cf)
+            .map_err(|e| revoked(self.storage(e)))?;
         self.db.compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
         shard.publish_metrics();
         info!(

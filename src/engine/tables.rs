@@ -16,20 +16,18 @@
 //!   of their outcome, so a record ingested twice (a stop between the
 //!   ingest and the delete) changes nothing.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use rocksdb::{IngestExternalFileOptions, SstFileWriter, WriteBatch, WriteOptions};
 
 use super::{Cf, Db};
 use crate::error::{Error, Result};
 use crate::journal::{self, journal_key, journal_seq};
 use crate::layout::JOURNAL_PREFIX;
-use crate::pending::{Changes, Frozen};
+use crate::pending::Changes;
 use crate::recovery::table_file_options;
 use crate::shard::Shard;
 
@@ -49,14 +47,6 @@ pub(crate) struct Tables {
     write_options: WriteOptions,
     file_options: rocksdb::Options,
     next_file: AtomicU64,
-    /// A lock per column family name: held by a settle for its whole run,
-    /// and by a flush from the check that its records are still on disk
-    /// to their delete. So a flush of a revoked shard (one still queued for
-    /// the background thread, or run by a `compact` that looked the shard
-    /// up before the revoke) never ingests changes that the partition's
-    /// next reader already settled from their records, over what the
-    /// partition's next shard wrote since.
-    partitions: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl Tables {
@@ -81,7 +71,6 @@ impl Tables {
             write_options,
             file_options: table_file_options(),
             next_file: AtomicU64::new(0),
-            partitions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -89,25 +78,14 @@ impl Tables {
         Error::storage(e, &self.store_dir)
     }
 
-    /// The lock of the partition whose column family is `cf_name` (see
-    /// the field).
-    fn partition_lock(&self, cf_name: &str) -> Arc<Mutex<()>> {
-        self.partitions
-            .lock()
-            .entry(cf_name.to_owned())
-            .or_default()
-            .clone()
-    }
-
     /// Writes the frozen changes of `shard` (freezing its live ones first
     /// if none are frozen) as a table and deletes their records. Returns
-    /// whether there was anything to write. Holds the shard's flush lock,
-    /// then the partition's lock.
+    /// whether there was anything to write. Holds the shard's flush lock.
     ///
-    /// The changes of a revoked shard whose records a settle already wrote
-    /// (its revoke's flush failed, and the partition was read or assigned
-    /// since) are dropped instead: written now, they would land above
-    /// newer changes.
+    /// A revoked shard has nothing to write: its revoke wrote its changes
+    /// or, failing that, dropped them from memory (`retire`), so a flush of
+    /// it still queued for the background thread never lands above what the
+    /// partition's next reader settled from their records.
     pub(crate) fn flush(&self, shard: &Shard) -> Result<bool> {
         let _flushing = shard.flush_lock();
         let Some(frozen) = shard.pending.write().freeze() else {
@@ -117,52 +95,21 @@ impl Tables {
             .db
             .cf_handle(&shard.cf_name)
             .ok_or_else(|| Error::NotAssigned(shard.partition.clone()))?;
-        let lock = self.partition_lock(&shard.cf_name);
-        let _partition = lock.lock();
-        if !self.records_on_disk(&cf, &frozen)? {
-            let dropped = shard.pending.write().discard();
-            tracing::warn!(
-                partition = %shard.partition,
-                changes = dropped,
-                "the changes of a revoked shard were already written from their journal \
-                 records by the partition's next reader; dropped"
-            );
-            return Ok(false);
-        }
         self.ingest(&cf, &frozen.changes)?;
         self.delete_records(&cf, frozen.from, frozen.to)?;
         shard.pending.write().thaw();
         Ok(true)
     }
 
-    /// Whether the journal records of `frozen` are still in `cf`: its last
-    /// record is there and holds, for each of its keys, what `frozen` holds
-    /// (the last record's changes are the newest of their keys). A shard's
-    /// own records leave only through its own flushes, after their table
-    /// is ingested. So the last record is missing only when the shard was
-    /// revoked and a settle wrote and deleted its records; and it holds
-    /// other changes only when, besides, the column family was dropped and
-    /// created again and the next shard numbered its records alike. (A next
-    /// shard whose last record of that number held exactly the same changes
-    /// would not be told apart: revoke should retire a shard's index, so
-    /// that no flush of it runs at all; `tests/write_path.rs`, the stale
-    /// flush tests.)
-    fn records_on_disk(&self, cf: &Cf<'_>, frozen: &Frozen) -> Result<bool> {
-        let Some(last) = frozen.to.checked_sub(1).filter(|&l| l >= frozen.from) else {
-            return Ok(true);
-        };
-        let Some(record) = self
-            .db
-            .get_pinned_cf(cf, journal_key(last))
-            .map_err(|e| self.storage(e))?
-        else {
-            return Ok(false);
-        };
-        let mut same = true;
-        journal::decode(last, &record, |key, entry| {
-            same &= frozen.changes.get(key) == Some(&entry);
-        })?;
-        Ok(same)
+    /// Empties a revoked shard's index for good, after its revoke tried to
+    /// write it (`flush_all`): if that failed, the changes' journal records
+    /// are still on disk, and the partition's next reader writes them. No
+    /// flush of the shard writes anything afterwards (the background thread
+    /// may still hold a request for it). Returns how many changes were
+    /// dropped from memory.
+    pub(crate) fn retire(&self, shard: &Shard) -> usize {
+        let _flushing = shard.flush_lock();
+        shard.pending.write().discard()
     }
 
     /// Flushes until `shard` holds no change in memory: with its write lock
@@ -180,8 +127,6 @@ impl Tables {
     /// Errors: [`Error::Corruption`] if a record is damaged (nothing is
     /// written then).
     pub(crate) fn settle(&self, cf: &Cf<'_>, cf_name: &str) -> Result<u64> {
-        let lock = self.partition_lock(cf_name);
-        let _partition = lock.lock();
         let mut changes = Changes::default();
         let mut range: Option<(u64, u64)> = None;
         let mut it = self.db.raw_iterator_cf(cf);
@@ -279,13 +224,17 @@ impl Tables {
             .map_err(|e| self.storage(e))
     }
 
-    /// Deletes journal records `[from, to)` of `cf`.
+    /// Deletes journal records `[from, to)` of `cf`, one point delete each
+    /// (a batch's record per batch, so few): RocksDB's key estimate counts
+    /// a point delete against its put, and a range delete against nothing.
     fn delete_records(&self, cf: &Cf<'_>, from: u64, to: u64) -> Result<()> {
         if from >= to {
             return Ok(());
         }
         let mut write = WriteBatch::default();
-        write.delete_range_cf(cf, journal_key(from), journal_key(to));
+        for seq in from..to {
+            write.delete_cf(cf, journal_key(seq));
+        }
         self.db
             .write_opt(write, &self.write_options)
             .map_err(|e| self.storage(e))
