@@ -141,7 +141,7 @@ impl Tables {
                     Error::Corruption(format!("malformed journal key {}", k.escape_ascii()))
                 })?;
             journal::decode(seq, v, |key, entry| {
-                changes.insert(key.to_vec(), entry);
+                changes.insert(key, entry);
             })?;
             range = Some((range.map_or(seq, |(from, _)| from), seq));
             it.next();
@@ -181,10 +181,8 @@ impl Tables {
         // The entries and the keys' places are copied out in the map's
         // order: reading them through references in key order missed the
         // cache twice a key (95 % of the flusher's own time in a profile).
-        let mut keys: Vec<(u64, &[u8], Option<crate::layout::Entry>)> = changes
-            .iter()
-            .map(|(k, e)| (prefix(k), k.as_slice(), *e))
-            .collect();
+        let mut keys: Vec<(u64, &[u8], Option<crate::layout::Entry>)> =
+            changes.iter().map(|(k, e)| (prefix(k), k, e)).collect();
         keys.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
         let n = self.next_file.fetch_add(1, Ordering::Relaxed);
         let path = self.dir.join(format!("{n:06}.sst"));
