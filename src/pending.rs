@@ -139,7 +139,7 @@ pub(crate) struct Pending {
     /// The next journal record's sequence number.
     next: u64,
     frozen: Option<Frozen>,
-    /// Set by `discard`: the shard was revoked.
+    /// Set by `retire`: the shard was revoked.
     retired: bool,
 }
 
@@ -171,15 +171,15 @@ impl Pending {
     }
 
     /// Adds the changes of journal record `seq`, which a commit just wrote.
-    pub(crate) fn apply(
+    pub(crate) fn apply<'a>(
         &mut self,
         seq: u64,
         bytes: usize,
-        changes: impl IntoIterator<Item = (Vec<u8>, Option<Entry>)>,
+        changes: impl IntoIterator<Item = (&'a [u8], Option<Entry>)>,
     ) {
         debug_assert_eq!(seq, self.next, "journal records are applied in order");
         for (key, entry) in changes {
-            self.live.insert(&key, entry);
+            self.live.insert(key, entry);
         }
         self.live_bytes += bytes;
         self.next = seq + 1;
@@ -202,8 +202,11 @@ impl Pending {
     /// The frozen set, freezing the live one first if none is frozen.
     /// `None` if there is nothing to write.
     pub(crate) fn freeze(&mut self) -> Option<Frozen> {
+        if self.retired {
+            return None;
+        }
         if self.frozen.is_none() {
-            if self.live.is_empty() || self.retired {
+            if self.live.is_empty() {
                 return None;
             }
             // The next live set starts with room for as many changes as
@@ -228,18 +231,22 @@ impl Pending {
         self.frozen = None;
     }
 
-    /// Drops every change held, frozen and live, for good, and returns how
-    /// many: for a revoked shard (`Tables::retire`), whose changes are in a
-    /// table or in journal records the partition's next reader writes.
-    /// Later lookups find nothing here, and nothing is frozen again.
-    pub(crate) fn discard(&mut self) -> usize {
-        let dropped = self.len();
-        self.frozen = None;
-        self.live = Changes::default();
-        self.live_bytes = 0;
-        self.live_from = self.next;
+    /// Retires the index of a revoked shard (`Tables::retire`), whose
+    /// changes are in a table or in journal records the partition's next
+    /// reader writes: nothing is frozen again, so no flush of it writes
+    /// anything. Its changes stay readable: a reader that looked the shard
+    /// up before the revoke removed it must still find them (if the
+    /// revoke's write failed, they are on disk only in records). Returns
+    /// how many changes it holds.
+    pub(crate) fn retire(&mut self) -> usize {
         self.retired = true;
-        dropped
+        self.len()
+    }
+
+    /// Whether changes of records numbered below `target` are still held.
+    pub(crate) fn holds_below(&self, target: u64) -> bool {
+        let oldest = self.frozen.as_ref().map_or(self.live_from, |f| f.from);
+        !self.retired && oldest < target && self.len() > 0
     }
 
     /// Whether the shard was retired (revoked).
@@ -267,11 +274,11 @@ mod tests {
     fn the_newest_change_wins_and_a_removal_hides_the_disk() {
         let mut p = Pending::new(5);
         assert_eq!(p.get(b"a"), None);
-        p.apply(5, 10, [(b"a".to_vec(), done(1)), (b"b".to_vec(), done(2))]);
+        p.apply(5, 10, [(&b"a"[..], done(1)), (&b"b"[..], done(2))]);
         let frozen = p.freeze().unwrap();
         assert_eq!((frozen.from, frozen.to), (5, 6));
         assert_eq!(p.live_bytes(), 0);
-        p.apply(6, 10, [(b"a".to_vec(), None)]);
+        p.apply(6, 10, [(&b"a"[..], None)]);
         assert_eq!(p.get(b"a"), Some(None), "live over frozen");
         assert_eq!(p.get(b"b"), Some(done(2)), "frozen still answers");
         // A second freeze while one is frozen returns the same set.
@@ -284,5 +291,37 @@ mod tests {
         assert_eq!(p.next_seq(), 7);
         p.thaw();
         assert!(p.freeze().is_none(), "nothing left to write");
+    }
+
+    #[test]
+    fn a_retired_index_answers_but_is_never_frozen_again() {
+        let mut p = Pending::new(0);
+        p.apply(0, 10, [(&b"a"[..], done(1))]);
+        assert!(p.freeze().is_some());
+        p.apply(1, 10, [(&b"b"[..], done(2))]);
+        assert!(p.holds_below(2));
+        assert_eq!(p.retire(), 2);
+        // A reader that still holds the revoked shard finds its changes:
+        // if the revoke's table failed, they are on disk only in records.
+        assert_eq!(p.get(b"a"), Some(done(1)));
+        assert_eq!(p.get(b"b"), Some(done(2)));
+        // No flush of it writes anything, frozen set included.
+        assert!(p.freeze().is_none());
+        assert!(!p.holds_below(2));
+    }
+
+    #[test]
+    fn holds_below_tells_the_changes_of_older_records_from_newer_ones() {
+        let mut p = Pending::new(3);
+        assert!(!p.holds_below(10), "nothing held");
+        p.apply(3, 10, [(&b"a"[..], done(1))]);
+        assert!(p.holds_below(4));
+        assert!(!p.holds_below(3), "record 3 is not below 3");
+        p.freeze().unwrap();
+        p.apply(4, 10, [(&b"b"[..], done(1))]);
+        assert!(p.holds_below(4), "the frozen record 3");
+        p.thaw();
+        assert!(!p.holds_below(4), "only record 4 is left");
+        assert!(p.holds_below(5));
     }
 }

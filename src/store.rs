@@ -226,9 +226,10 @@ impl Store {
                 "writing the partition's changes as a table on revoke failed; the next assign writes them"
             );
         }
-        // Written or not, the changes leave memory now: a flush of this
-        // shard still queued would otherwise land above what the next
-        // reader of the partition writes from their records.
+        // Written or not, no flush of this shard writes anything from now
+        // on: one still queued would otherwise land above what the next
+        // reader of the partition writes from their records. (Its index
+        // keeps answering readers that looked the shard up before.)
         self.engine.retire(shard);
         self.engine.save_snapshot(shard);
         info!(

@@ -880,10 +880,22 @@ fn compact_racing_delete_partition_is_not_a_storage_error() {
 /// not chase the writers forever.
 #[test]
 fn compact_returns_while_writers_keep_committing() {
-    watched("compact under load", || {
+    compact_under_load(1);
+}
+
+/// The same with the default table size: no writer ever writes a table, so
+/// only `compact` does, and commits refill the index while it writes one.
+/// It writes what the partition held when it started, and returns.
+#[test]
+fn compact_returns_while_writers_keep_committing_with_large_tables() {
+    compact_under_load(4 << 20);
+}
+
+fn compact_under_load(table_bytes: usize) {
+    watched("compact under load", move || {
         let dir = tempfile::tempdir().unwrap();
         let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, 1));
+        let store = Arc::new(open_with(dir.path(), &clock, table_bytes));
         let p = orders(0);
         store.assign(&p).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -1459,7 +1471,7 @@ fn import_over_journal_records_is_not_undone_by_them() {
 
 /// The key estimate counts each mark about once, whether it is in the
 /// index (with its journal record on disk) or in a table (with its journal
-/// record deleted by a range delete), as it did when every mark was a put.
+/// record deleted), as it did when every mark was a put.
 #[test]
 
 fn the_key_estimate_counts_each_mark_about_once() {
@@ -1753,10 +1765,10 @@ fn records_left_beside_their_ingested_table_are_replayed_to_the_same_state() {
     }
 }
 
-/// A settle deletes the records it wrote with a range delete, and the
-/// partition's next shard numbers its records from 0 again, under that
-/// range: the new records are read back and replayed after a drop, none is
-/// hidden, and the old ones do not come back.
+/// A settle deletes the records it wrote, and the partition's next shard
+/// numbers its records from 0 again, under the numbers it deleted: the
+/// new records are read back and replayed after a drop, none is hidden,
+/// and the old ones do not come back.
 #[test]
 fn records_numbered_again_under_a_settled_range_are_replayed() {
     let clock = ManualClock::new(T0);
@@ -1826,4 +1838,48 @@ fn the_index_stays_within_two_tables_while_the_flusher_is_busy_elsewhere() {
     // committed.
     assert!(most <= 140, "the index reached {most} changes");
     assert!(most >= 20, "the index held the batches: {most}");
+}
+
+/// A reader who sees a batch's offset sees its marks: the changes go to the
+/// index before the commit publishes the offset (and the epoch, claims and
+/// sources), so no reader finds the offset of a batch whose key is still
+/// `New` to it.
+#[test]
+fn a_batchs_offset_is_never_visible_before_its_marks() {
+    watched("offset before marks", || {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let store = Arc::new(open_with(dir.path(), &clock, 4 << 20));
+        let p = orders(0);
+        store.assign(&p).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (store, stop, p) = (store.clone(), stop.clone(), p.clone());
+            thread::spawn(move || {
+                let mut checked = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let Some(offset) = store.committed_offset(&p).unwrap() else {
+                        continue;
+                    };
+                    // Batch `offset - 1` marked key `offset - 1`.
+                    let k = key(u64::try_from(offset - 1).unwrap());
+                    assert_eq!(
+                        store.check(&p, &k).unwrap(),
+                        Verdict::Duplicate,
+                        "offset {offset} is visible, its batch's mark is not"
+                    );
+                    checked += 1;
+                }
+                checked
+            })
+        };
+        for i in 0..3_000u64 {
+            let mut batch = store.batch(&p).unwrap();
+            batch.mark(&key(i)).unwrap();
+            batch.set_offset(i64::try_from(i + 1).unwrap());
+            batch.commit().unwrap();
+        }
+        stop.store(true, Ordering::Release);
+        assert!(reader.join().unwrap() > 0, "the reader saw offsets");
+    });
 }

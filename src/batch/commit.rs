@@ -40,31 +40,41 @@ impl Batch<'_> {
     /// [`commit`](Self::commit), returning the outbox entry the write left
     /// (a batch that records its changes, see
     /// [`record_changes`](Self::record_changes)).
-    pub(crate) fn commit_published(mut self) -> Result<Option<Published>> {
+    pub(crate) fn commit_published(self) -> Result<Option<Published>> {
         let started = Instant::now();
         // Validation first, before anything is built; all of it under the
         // write lock, so the epoch and offset cannot change until this
         // returns.
         let plan = self.validate()?;
-        self.engine.before_commit(&self.shard)?;
+        if !self.staged.is_empty() {
+            // Only a batch that adds changes to the index makes room in it:
+            // a batch of duplicates, or one that only moves the epoch,
+            // writes no table and cannot fail on one.
+            self.engine.before_commit(&self.shard)?;
+        }
         let Some((write, published, journal)) = self.encode(&plan) else {
             // A batch of duplicates writes nothing: its checks still count.
             self.shard.publish_metrics();
             return Ok(None);
         };
         self.write(write)?;
-        self.publish(&plan, published.as_ref().map(|(seq, _)| *seq));
         if let Some((seq, bytes)) = journal {
-            // The changes go to the in-memory index after the write, still
-            // under the write lock: a reader sees them once they are on
-            // disk, and the next batch sees them before it checks.
-            let staged = std::mem::take(&mut self.staged);
-            self.shard.set_staged_hint(staged.len());
+            // The changes go to the in-memory index right after the write,
+            // under the write lock and before anything else of the batch is
+            // published: a reader who sees the batch's offset, epoch or
+            // sources sees its marks too, and the next record takes the
+            // next number whatever happens after this.
+            self.shard.set_staged_hint(self.staged.len());
             self.shard.pending.write().apply(
                 seq,
                 bytes,
-                staged.into_iter().map(|(k, staged)| (k, staged.entry)),
+                self.staged
+                    .iter()
+                    .map(|(k, staged)| (k.as_slice(), staged.entry)),
             );
+        }
+        self.publish(&plan, published.as_ref().map(|(seq, _)| *seq));
+        if journal.is_some() {
             self.engine.after_commit(&self.shard);
         }
         // The metrics once per commit, never per key: publishing the

@@ -338,7 +338,9 @@ impl Engine {
     /// The entry of `k` in an assigned partition, live or not: its newest
     /// change in memory, else what `cf` holds.
     pub(crate) fn read_mark(&self, shard: &Shard, cf: &Cf<'_>, k: &[u8]) -> Result<Option<Entry>> {
-        match shard.pending.read().get(k) {
+        // The index's lock is let go before the disk read.
+        let changed = shard.pending.read().get(k);
+        match changed {
             Some(changed) => Ok(changed),
             None => self.read_entry(cf, k),
         }
@@ -389,7 +391,7 @@ impl Engine {
         self.tables.flush_all(shard)
     }
 
-    /// Empties a revoked shard's index for good (see `Tables::retire`).
+    /// Retires a revoked shard's index (see `Tables::retire`).
     pub(crate) fn retire(&self, shard: &Shard) -> usize {
         self.tables.retire(shard)
     }

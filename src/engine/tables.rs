@@ -35,9 +35,10 @@ use crate::shard::Shard;
 pub(crate) const TABLE_DIR: &str = "ingest";
 
 /// Journal records are numbered from 0, one per batch, so a partition
-/// never reaches this many; a record numbered at or above it is damage
-/// (and numbering on from it could overflow).
-const MAX_RECORDS: u64 = 1 << 62;
+/// never reaches this many: a record found numbered at or above it is
+/// damage. Numbering on from any number below it can neither overflow nor
+/// reach it in practice.
+const MAX_FOUND: u64 = 1 << 61;
 
 /// What writing tables needs; shared with the background flusher.
 pub(crate) struct Tables {
@@ -83,8 +84,8 @@ impl Tables {
     /// whether there was anything to write. Holds the shard's flush lock.
     ///
     /// A revoked shard has nothing to write: its revoke wrote its changes
-    /// or, failing that, dropped them from memory (`retire`), so a flush of
-    /// it still queued for the background thread never lands above what the
+    /// or, failing that, retired its index (`retire`), so a flush of it
+    /// still queued for the background thread never lands above what the
     /// partition's next reader settled from their records.
     pub(crate) fn flush(&self, shard: &Shard) -> Result<bool> {
         let _flushing = shard.flush_lock();
@@ -101,34 +102,42 @@ impl Tables {
         Ok(true)
     }
 
-    /// Empties a revoked shard's index for good, after its revoke tried to
-    /// write it (`flush_all`): if that failed, the changes' journal records
-    /// are still on disk, and the partition's next reader writes them. No
-    /// flush of the shard writes anything afterwards (the background thread
-    /// may still hold a request for it). Returns how many changes were
-    /// dropped from memory.
+    /// Retires a revoked shard's index, after its revoke tried to write it
+    /// (`flush_all`): no flush of the shard writes anything afterwards (the
+    /// background thread may still hold a request for it). If the write
+    /// failed, the changes' journal records are still on disk and the
+    /// partition's next reader writes them; the index keeps answering
+    /// readers that still hold the old shard. Returns how many changes it
+    /// holds.
     pub(crate) fn retire(&self, shard: &Shard) -> usize {
         let _flushing = shard.flush_lock();
-        shard.pending.write().discard()
+        shard.pending.write().retire()
     }
 
-    /// Flushes until `shard` holds no change in memory: with its write lock
-    /// held, none comes in meanwhile.
+    /// Flushes until every change `shard` held when called is in a table
+    /// (the changes of its records below the next number then). Commits
+    /// that land meanwhile (a `compact` holds no write lock) are left to
+    /// later flushes, so this ends however busy the partition is.
     pub(crate) fn flush_all(&self, shard: &Shard) -> Result<()> {
-        while self.flush(shard)? {}
+        let target = shard.pending.read().next_seq();
+        while shard.pending.read().holds_below(target) {
+            if !self.flush(shard)? {
+                break;
+            }
+        }
         Ok(())
     }
 
     /// Writes the changes of the journal records on disk in `cf` as one
     /// table and deletes the records. Call for a partition that has no
     /// shard (under membership). Returns the sequence number the
-    /// partition's next record takes.
+    /// partition's next record takes (0: none is left).
     ///
     /// Errors: [`Error::Corruption`] if a record is damaged (nothing is
     /// written then).
     pub(crate) fn settle(&self, cf: &Cf<'_>, cf_name: &str) -> Result<u64> {
         let mut changes = Changes::default();
-        let mut range: Option<(u64, u64)> = None;
+        let mut found = Vec::new();
         let mut it = self.db.raw_iterator_cf(cf);
         it.seek(JOURNAL_PREFIX);
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -136,31 +145,42 @@ impl Tables {
                 break;
             }
             let seq = journal_seq(k)
-                .filter(|&seq| seq < MAX_RECORDS)
+                .filter(|&seq| seq < MAX_FOUND)
                 .ok_or_else(|| {
                     Error::Corruption(format!("malformed journal key {}", k.escape_ascii()))
                 })?;
             journal::decode(seq, v, |key, entry| {
                 changes.insert(key, entry);
             })?;
-            range = Some((range.map_or(seq, |(from, _)| from), seq));
+            found.push(seq);
             it.next();
         }
         it.status().map_err(|e| self.storage(e))?;
-        let Some((from, last)) = range else {
+        if found.is_empty() {
             return Ok(0);
-        };
+        }
         if !changes.is_empty() {
             self.ingest(cf, &changes)?;
         }
-        self.delete_records(cf, from, last + 1)?;
+        // The records found, and only those: a gap in the numbers (damage)
+        // must not become a delete per missing number.
+        let mut write = WriteBatch::default();
+        for &seq in &found {
+            write.delete_cf(cf, journal_key(seq));
+        }
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(|e| self.storage(e))?;
         tracing::info!(
             column_family = cf_name,
-            records = last + 1 - from,
+            records = found.len(),
             changes = changes.len(),
             "journal records left by a stop written to a table"
         );
-        Ok(last + 1)
+        // Numbering starts again from 0: every record found is deleted, and
+        // the deletes come before any new record in the log, so no stop can
+        // leave an old record beside a new one of the same number.
+        Ok(0)
     }
 
     /// Writes `changes` as a sorted table and ingests it into `cf`, above
