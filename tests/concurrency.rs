@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,25 +23,9 @@ use exactly::{Claim, Error, ManualClock, Partition, Store, Verdict};
 /// A test fails, rather than hangs, if its threads are not done by then.
 const WATCHDOG: Duration = Duration::from_secs(60);
 
-/// Runs `body` on a thread and waits for it under the watchdog.
+/// Runs `body` under the watchdog.
 fn watched<F: FnOnce() + Send + 'static>(what: &str, body: F) {
-    let (done, finished) = mpsc::channel();
-    let handle = thread::spawn(move || {
-        body();
-        let _ = done.send(());
-    });
-    match finished.recv_timeout(WATCHDOG) {
-        Ok(()) => handle.join().unwrap(),
-        // The body panicked: report its panic.
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: not done after {WATCHDOG:?} (deadlock?)")
-        }
-    }
+    common::watched(what, WATCHDOG, body);
 }
 
 /// A store to share between threads, in a fresh directory, and the

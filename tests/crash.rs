@@ -29,6 +29,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod common;
+use common::Rng;
 use exactly::internals::outbox;
 use exactly::{Error, Options, Partition, Store, Verdict};
 
@@ -140,16 +142,6 @@ fn hold(dir: &Path) {
     drop(store);
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 fn spawn(var: &str, dir: &Path) -> std::process::Child {
     Command::new(env::current_exe().expect("current exe"))

@@ -14,6 +14,9 @@ use exactly::{ManualClock, Options, Partition, Store, Verdict};
 
 /// The clock the fixture was written at: 2026-01-01T00:00:00Z.
 const FIXTURE_T: u64 = 1_767_225_600_000;
+/// Written by a build of format version 1, as the v2 fixture is written now
+/// but closed (partition 0 flushed and compacted into a table file,
+/// partition 1 only in the write-ahead log); no later build can write it.
 const FIXTURE_V1: &str = "tests/fixtures/v1";
 const FIXTURE_V2: &str = "tests/fixtures/v2";
 
@@ -44,28 +47,6 @@ fn write_fixture_v2(dir: &Path) {
     store.compact(&Partition::new("orders", 0)).unwrap();
     store.sync().unwrap();
     drop(store);
-}
-
-/// Version 1 (written by the build of that version): partition 0 is flushed
-/// and compacted into a table file; partition 1 lives only in the
-/// write-ahead log.
-#[allow(dead_code)]
-fn write_fixture_v1(dir: &Path) {
-    let clock = ManualClock::new(FIXTURE_T);
-    let store = Store::open(dir, options(&clock)).unwrap();
-    for n in 0..2 {
-        let p = Partition::new("orders", n);
-        store.assign(&p).unwrap();
-        let mut batch = store.batch(&p).unwrap();
-        for i in 0..50 {
-            batch.mark(format!("key-{n}-{i}").as_bytes()).unwrap();
-        }
-        batch.set_offset(50 + i64::from(n));
-        batch.commit().unwrap();
-    }
-    let p = Partition::new("orders", 0);
-    store.compact(&p).unwrap();
-    store.close().unwrap();
 }
 
 fn copy_store(from: &Path, to: &Path) {

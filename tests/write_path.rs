@@ -26,7 +26,7 @@ use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{orders, T0, TTL};
+use common::{orders, Rng, T0, TTL};
 use exactly::internals::{inspect, tables, transfer, verify};
 use exactly::{
     Claim, Durability, Error, KeyMode, ManualClock, Options, Partition, Store, TimeDomain, Verdict,
@@ -35,24 +35,9 @@ use exactly::{
 /// A test fails, rather than hangs, if its threads are not done by then.
 const WATCHDOG: Duration = Duration::from_secs(30);
 
-/// Runs `body` on a thread and waits for it under the watchdog.
+/// Runs `body` under the watchdog.
 fn watched<F: FnOnce() + Send + 'static>(what: &str, body: F) {
-    let (done, finished) = mpsc::channel();
-    let handle = thread::spawn(move || {
-        body();
-        let _ = done.send(());
-    });
-    match finished.recv_timeout(WATCHDOG) {
-        Ok(()) => handle.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(panic) = handle.join() {
-                std::panic::resume_unwind(panic);
-            }
-        }
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: not done after {WATCHDOG:?} (deadlock?)")
-        }
-    }
+    common::watched(what, WATCHDOG, body);
 }
 
 /// The common options (manual clock at `T0`, one-hour TTL) with
@@ -69,17 +54,6 @@ fn key(i: u64) -> Vec<u8> {
     format!("key-{i}").into_bytes()
 }
 
-/// A small xorshift generator: the tests are reproducible from their seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Readers against the flusher
