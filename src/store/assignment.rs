@@ -31,7 +31,7 @@ impl Store {
     /// Assigns a partition under `epoch`: the consumer-group generation, or
     /// any number the caller increases with every reassignment. The epoch is
     /// stored with the shard and never goes backwards; batches fenced with an
-    /// older epoch ([`Batch::fence`]) and claims made under one are refused
+    /// older epoch ([`Batch::fence`](crate::Batch::fence)) and claims made under one are refused
     /// with [`Error::Fenced`]. Assigning an assigned partition with a newer
     /// epoch moves it to that epoch.
     ///
