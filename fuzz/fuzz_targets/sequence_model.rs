@@ -303,6 +303,9 @@ fn run(input: Input) {
                     // they count for the batch whatever the clock does.
                     let mut staged = m.clone();
                     let mut staged_keys = BTreeMap::new();
+                    // Sources the batch marked: they count for the rest of
+                    // the batch whatever the clock does, as its keys do.
+                    let mut staged_sources = BTreeSet::new();
                     for bop in ops.into_iter().take(MAX_BATCH_OPS) {
                         match bop {
                             BatchOp::Check(n)
@@ -344,10 +347,12 @@ fn run(input: Input) {
                                     );
                                     continue;
                                 }
-                                let want = staged.seen(p, src, epoch, seq);
+                                let own = staged_sources.contains(&src);
+                                let want = staged.seen_in_batch(p, src, epoch, seq, own);
                                 expect_seen(r, want, p, src, epoch, seq, "batch sequence call");
                                 if want == Ok(false) && !matches!(bop, BatchOp::Check(_)) {
-                                    staged.mark(p, src, epoch, seq);
+                                    staged.mark_in_batch(p, src, epoch, seq, own);
+                                    staged_sources.insert(src);
                                 }
                             }
                             BatchOp::StoreMark(n) => {

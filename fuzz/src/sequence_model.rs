@@ -70,7 +70,15 @@ impl Model {
     }
 
     pub fn seen(&self, p: u8, s: u8, epoch: u64, seq: u64) -> Seen {
-        match self.live(p, s) {
+        self.seen_in_batch(p, s, epoch, seq, false)
+    }
+
+    /// `seen` as an open batch sees it: a source the batch marked
+    /// (`staged`) counts for the rest of the batch whatever the clock does
+    /// meanwhile, as the batch's key marks do (`docs/design.md`, Sequence
+    /// mode).
+    pub fn seen_in_batch(&self, p: u8, s: u8, epoch: u64, seq: u64, staged: bool) -> Seen {
+        match self.current(p, s, staged) {
             None => Ok(false),
             Some(src) if epoch < src.epoch => Err(src.epoch),
             Some(src) if epoch > src.epoch => Ok(false),
@@ -78,11 +86,24 @@ impl Model {
         }
     }
 
+    fn current(&self, p: u8, s: u8, staged: bool) -> Option<&Source> {
+        if staged {
+            self.sources.get(&(p, s))
+        } else {
+            self.live(p, s)
+        }
+    }
+
     /// Marks a number `seen` found new.
     pub fn mark(&mut self, p: u8, s: u8, epoch: u64, seq: u64) {
+        self.mark_in_batch(p, s, epoch, seq, false);
+    }
+
+    /// `mark` in an open batch; see [`Model::seen_in_batch`].
+    pub fn mark_in_batch(&mut self, p: u8, s: u8, epoch: u64, seq: u64, staged: bool) {
         let expires_at = self.now.saturating_add(self.idle);
         let window = self.window;
-        let next = match self.live(p, s).cloned() {
+        let next = match self.current(p, s, staged).cloned() {
             Some(mut src) if src.epoch == epoch => {
                 if src.window != window {
                     src.floor = src.floor.max(src.below_window());
