@@ -339,8 +339,8 @@ impl Options {
     /// record of the write-ahead log and go to this index; the table is
     /// ingested into RocksDB whole, so no key pays for a memtable insert
     /// (`docs/design.md`, "The write path"). A larger value means fewer,
-    /// larger tables and more memory (about 80 bytes per key of 16 bytes,
-    /// twice that while a table is written) and a longer replay after a
+    /// larger tables and more memory (about 65 bytes per change of a 16-byte
+    /// key, twice that while a table is written) and a longer replay after a
     /// crash. From 1 byte to 1 GiB. Default: 4 MiB.
     #[must_use]
     pub fn table_bytes(mut self, bytes: usize) -> Self {
