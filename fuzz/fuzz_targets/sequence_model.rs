@@ -392,6 +392,13 @@ fn run(input: Input) {
                             }
                             BatchOp::Advance(ms) => {
                                 clock.advance(Duration::from_millis(u64::from(ms % 1_500)));
+                                // The store's time is the highest it has read:
+                                // a read here makes it the model's, even if the
+                                // clock steps back before the batch's next call
+                                // (outside a batch, the checks after each step
+                                // read it).
+                                b.check_sequence(b"clock", 0, 0)
+                                    .expect("a read of the time");
                                 staged.now = staged.now.max(clock.now_millis());
                                 m.now = staged.now;
                             }
