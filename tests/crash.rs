@@ -142,7 +142,6 @@ fn hold(dir: &Path) {
     drop(store);
 }
 
-
 fn spawn(var: &str, dir: &Path) -> std::process::Child {
     Command::new(env::current_exe().expect("current exe"))
         .env(var, dir)
