@@ -80,7 +80,10 @@ fn acknowledged_marks_stay_duplicates_for_readers_while_tables_are_written() {
             readers.push(thread::spawn(move || {
                 let mut rng = Rng(0x9e37_79b9 + r);
                 let mut checks = 0u64;
-                while !done.load(Ordering::Acquire) {
+                // At least one round after the writer is done, however late
+                // a loaded machine schedules this thread.
+                loop {
+                    let finished = done.load(Ordering::Acquire);
                     let upto = acked.load(Ordering::Acquire);
                     if upto > 0 {
                         // The newest acknowledged key (most likely in the
@@ -96,6 +99,9 @@ fn acknowledged_marks_stay_duplicates_for_readers_while_tables_are_written() {
                     }
                     let never = format!("never-{}", rng.below(1 << 20));
                     assert_eq!(store.check(&p, never.as_bytes()).unwrap(), Verdict::New);
+                    if finished {
+                        break;
+                    }
                 }
                 checks
             }));
@@ -756,11 +762,6 @@ fn the_flusher_races_revoke_assign_delete_compact_without_harm() {
                 while !stop.load(Ordering::Acquire) {
                     match store.compact(&parts[n % 2]) {
                         Ok(()) | Err(Error::NotAssigned(_)) => {}
-                        // The partition deleted under the compaction: a
-                        // known bug outside the write path, see
-                        // `compact_racing_delete_partition_is_not_a_storage_error`.
-                        Err(Error::Storage(m))
-                            if n % 2 == 1 && m.contains("Column family dropped") => {}
                         Err(e) => panic!("compact {}: {e:?}", parts[n % 2]),
                     }
                     store.sync().unwrap();
@@ -769,7 +770,15 @@ fn the_flusher_races_revoke_assign_delete_compact_without_harm() {
                 }
             }));
         }
+        // Two seconds of races, longer if a loaded machine held the writer
+        // back (a revoke every few milliseconds sends it round again).
+        let started = Instant::now();
         thread::sleep(Duration::from_millis(2_000));
+        while acked_kept.load(Ordering::Acquire) <= 10
+            && started.elapsed() < Duration::from_secs(20)
+        {
+            thread::sleep(Duration::from_millis(50));
+        }
         stop.store(true, Ordering::Release);
         for h in handles {
             h.join().unwrap();
@@ -1830,7 +1839,10 @@ fn a_batchs_offset_is_never_visible_before_its_marks() {
             let (store, stop, p) = (store.clone(), stop.clone(), p.clone());
             thread::spawn(move || {
                 let mut checked = 0u64;
-                while !stop.load(Ordering::Acquire) {
+                // At least one round after the writer is done, however late
+                // a loaded machine schedules this thread.
+                loop {
+                    let finished = stop.load(Ordering::Acquire);
                     let Some(offset) = store.committed_offset(&p).unwrap() else {
                         continue;
                     };
@@ -1842,6 +1854,9 @@ fn a_batchs_offset_is_never_visible_before_its_marks() {
                         "offset {offset} is visible, its batch's mark is not"
                     );
                     checked += 1;
+                    if finished {
+                        break;
+                    }
                 }
                 checked
             })
