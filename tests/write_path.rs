@@ -50,6 +50,18 @@ fn open_with(dir: &Path, clock: &ManualClock, table_bytes: usize) -> Store {
     Store::open(dir, opts(clock, table_bytes)).expect("open store")
 }
 
+/// A fresh store of `table_bytes`, shared between threads, with partition
+/// `orders-0` assigned; the directory and clock live as long as the test
+/// holds them.
+fn assigned_store(table_bytes: usize) -> (tempfile::TempDir, ManualClock, Arc<Store>, Partition) {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let store = Arc::new(open_with(dir.path(), &clock, table_bytes));
+    let p = orders(0);
+    store.assign(&p).unwrap();
+    (dir, clock, store, p)
+}
+
 fn key(i: u64) -> Vec<u8> {
     format!("key-{i}").into_bytes()
 }
@@ -65,11 +77,7 @@ fn key(i: u64) -> Vec<u8> {
 #[test]
 fn acknowledged_marks_stay_duplicates_for_readers_while_tables_are_written() {
     watched("readers against the flusher", || {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, 1));
-        let p = orders(0);
-        store.assign(&p).unwrap();
+        let (_dir, _clock, store, p) = assigned_store(1);
         const N: u64 = 600;
         // Keys below `acked` were acknowledged.
         let acked = Arc::new(AtomicU64::new(0));
@@ -130,11 +138,7 @@ fn acknowledged_marks_stay_duplicates_for_readers_while_tables_are_written() {
 #[test]
 fn racing_callers_get_exactly_one_new_while_tables_are_written() {
     watched("racing callers", || {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, 1));
-        let p = orders(0);
-        store.assign(&p).unwrap();
+        let (dir, clock, store, p) = assigned_store(1);
         const THREADS: u64 = 4;
         const KEYS: u64 = 401;
         let barrier = Arc::new(Barrier::new(THREADS as usize));
@@ -183,11 +187,7 @@ fn racing_callers_get_exactly_one_new_while_tables_are_written() {
 #[test]
 fn racing_claims_get_exactly_one_acquired_while_tables_are_written() {
     watched("racing claims", || {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, 1));
-        let p = orders(0);
-        store.assign(&p).unwrap();
+        let (_dir, _clock, store, p) = assigned_store(1);
         const THREADS: u64 = 4;
         const KEYS: u64 = 101;
         let lease = Duration::from_secs(600);
@@ -822,11 +822,7 @@ fn the_flusher_races_revoke_assign_delete_compact_without_harm() {
 
 fn compact_racing_delete_partition_is_not_a_storage_error() {
     watched("compact against delete_partition", || {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, 1));
-        let p = orders(0);
-        store.assign(&p).unwrap();
+        let (_dir, _clock, store, p) = assigned_store(1);
         let stop = Arc::new(AtomicBool::new(false));
         let deleter = {
             let (store, stop, p) = (store.clone(), stop.clone(), p.clone());
@@ -875,11 +871,7 @@ fn compact_returns_while_writers_keep_committing_with_large_tables() {
 
 fn compact_under_load(table_bytes: usize) {
     watched("compact under load", move || {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, table_bytes));
-        let p = orders(0);
-        store.assign(&p).unwrap();
+        let (_dir, _clock, store, p) = assigned_store(table_bytes);
         let stop = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..2)
             .map(|t| {
@@ -1829,11 +1821,7 @@ fn the_index_stays_within_two_tables_while_the_flusher_is_busy_elsewhere() {
 #[test]
 fn a_batchs_offset_is_never_visible_before_its_marks() {
     watched("offset before marks", || {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = ManualClock::new(T0);
-        let store = Arc::new(open_with(dir.path(), &clock, 4 << 20));
-        let p = orders(0);
-        store.assign(&p).unwrap();
+        let (_dir, _clock, store, p) = assigned_store(4 << 20);
         let stop = Arc::new(AtomicBool::new(false));
         let reader = {
             let (store, stop, p) = (store.clone(), stop.clone(), p.clone());
